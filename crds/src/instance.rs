@@ -23,12 +23,41 @@ use crate::status::Condition;
     status = "InstanceStatus",
     derive = "PartialEq",
     doc = "One discovered device: its properties, the nodes that can reach it and who uses each of its capacity slots.",
-    printcolumn(name = "Config", type_ = "string", json_path = ".spec.configurationName", description = "Owning Configuration"),
-    printcolumn(name = "Shared", type_ = "boolean", json_path = ".spec.shared", description = "Reachable from several nodes"),
-    printcolumn(name = "Nodes", type_ = "string", json_path = ".spec.nodes", description = "Nodes that see the device"),
-    printcolumn(name = "Used", type_ = "integer", json_path = ".status.usedSlots", description = "Slots in use"),
-    printcolumn(name = "Capacity", type_ = "integer", json_path = ".spec.capacity", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Config",
+        type_ = "string",
+        json_path = ".spec.configurationName",
+        description = "Owning Configuration"
+    ),
+    printcolumn(
+        name = "Shared",
+        type_ = "boolean",
+        json_path = ".spec.shared",
+        description = "Reachable from several nodes"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        json_path = ".spec.nodes",
+        description = "Nodes that see the device"
+    ),
+    printcolumn(
+        name = "Used",
+        type_ = "integer",
+        json_path = ".status.usedSlots",
+        description = "Slots in use"
+    ),
+    printcolumn(
+        name = "Capacity",
+        type_ = "integer",
+        json_path = ".spec.capacity",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceSpec {

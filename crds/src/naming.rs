@@ -29,10 +29,18 @@ pub const PLACEHOLDER_RESOURCE: &str = "{{PLACEHOLDER}}";
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
     /// Longer than [`MAX_CONFIGURATION_NAME_LEN`].
-    #[error("configuration name {name:?} is {len} characters; at most {max} fit resource and Service names")]
-    TooLong { name: String, len: usize, max: usize },
+    #[error(
+        "configuration name {name:?} is {len} characters; at most {max} fit resource and Service names"
+    )]
+    TooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
     /// Contains a dot.
-    #[error("configuration name {0:?} contains a dot; it becomes part of resource, label and Service names")]
+    #[error(
+        "configuration name {0:?} contains a dot; it becomes part of resource, label and Service names"
+    )]
     HasDot(String),
 }
 
@@ -72,10 +80,7 @@ pub fn instance_hash(device_id: &str, shared: bool, node: &str) -> String {
 
 /// Instance name `<configuration>-<hash>`.
 pub fn instance_name(configuration: &str, device_id: &str, shared: bool, node: &str) -> String {
-    format!(
-        "{configuration}-{}",
-        instance_hash(device_id, shared, node)
-    )
+    format!("{configuration}-{}", instance_hash(device_id, shared, node))
 }
 
 /// The hash part of an Instance name, if it has one.
@@ -156,7 +161,10 @@ mod tests {
     fn hash_is_six_lowercase_hex() {
         let h = instance_hash("anything", true, "");
         assert_eq!(h.len(), 6);
-        assert!(h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(
+            h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
         assert_eq!(hash_of_instance(&format!("my-conf-{h}")), Some(h.as_str()));
         assert_eq!(hash_of_instance("no-hash-here"), None);
     }
@@ -178,7 +186,10 @@ mod tests {
         assert!(validate_configuration_name(&longest).is_ok());
         // The longest name still yields names that fit 63 characters.
         let instance = instance_name(&longest, "d", true, "");
-        assert_eq!(instance_resource_name(&instance).len() - "akri.sh/".len(), 59);
+        assert_eq!(
+            instance_resource_name(&instance).len() - "akri.sh/".len(),
+            59
+        );
         assert!(instance_service_name(&instance).len() <= 63);
         assert!(matches!(
             validate_configuration_name(&format!("{longest}a")),

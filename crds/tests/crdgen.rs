@@ -95,6 +95,9 @@ fn every_field_is_described() {
         .expect("schema");
         let mut missing = Vec::new();
         walk("", &schema, &mut missing);
-        assert!(missing.is_empty(), "{file}: undocumented fields {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{file}: undocumented fields {missing:?}"
+        );
     }
 }

@@ -16,7 +16,10 @@ use verge_device_plugin_proto::v0::{
 
 /// A length-delimited field: key byte(s), length, payload.
 fn ld(key: &[u8], payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 128, "single-byte lengths only in these vectors");
+    assert!(
+        payload.len() < 128,
+        "single-byte lengths only in these vectors"
+    );
     let mut out = key.to_vec();
     out.push(payload.len() as u8);
     out.extend_from_slice(payload);
@@ -166,20 +169,32 @@ fn discover_request_matches_hand_encoding() {
     let golden = cat(&[
         ld(&[0x0a], b"a: 1"), // discovery_details = 1
         // discovery_properties = 2: entries {key = 1, value = 2: ByteData {vec = 1}}, sorted by key.
-        ld(&[0x12], &cat(&[ld(&[0x0a], b"p"), ld(&[0x12], &ld(&[0x0a], b"s"))])),
+        ld(
+            &[0x12],
+            &cat(&[ld(&[0x0a], b"p"), ld(&[0x12], &ld(&[0x0a], b"s"))]),
+        ),
         // An empty ByteData is the entry's default value, so prost leaves it out.
         ld(&[0x12], &ld(&[0x0a], b"q")),
     ]);
     assert_eq!(hex::encode(msg.encode_to_vec()), hex::encode(&golden));
-    assert_eq!(DiscoverRequest::decode(golden.as_slice()).expect("decode"), msg);
+    assert_eq!(
+        DiscoverRequest::decode(golden.as_slice()).expect("decode"),
+        msg
+    );
 
     // Go's protobuf (Akri's Go handlers) writes the empty value explicitly; it decodes the same.
     let go_form = cat(&[
         ld(&[0x0a], b"a: 1"),
-        ld(&[0x12], &cat(&[ld(&[0x0a], b"p"), ld(&[0x12], &ld(&[0x0a], b"s"))])),
+        ld(
+            &[0x12],
+            &cat(&[ld(&[0x0a], b"p"), ld(&[0x12], &ld(&[0x0a], b"s"))]),
+        ),
         ld(&[0x12], &cat(&[ld(&[0x0a], b"q"), ld(&[0x12], b"")])),
     ]);
-    assert_eq!(DiscoverRequest::decode(go_form.as_slice()).expect("decode"), msg);
+    assert_eq!(
+        DiscoverRequest::decode(go_form.as_slice()).expect("decode"),
+        msg
+    );
 }
 
 /// Maps encode in key order, so one device list always gives the same bytes.

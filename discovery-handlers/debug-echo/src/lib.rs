@@ -102,7 +102,10 @@ impl DiscoveryHandler for DebugEcho {
         self.shared
     }
 
-    fn discover(&self, request: DiscoveryRequest) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
+    fn discover(
+        &self,
+        request: DiscoveryRequest,
+    ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
         let result = self.start(&request);
         async move { result }.boxed()
     }

@@ -91,7 +91,10 @@ async fn runner_registers_streams_and_reregisters() {
         directory: dir.path().to_path_buf(),
         ..RunnerConfig::default()
     };
-    let handler = Arc::new(DebugEcho::new(dir.path().join("default-availability"), true));
+    let handler = Arc::new(DebugEcho::new(
+        dir.path().join("default-availability"),
+        true,
+    ));
     let (stop_runner, runner_stopped) = oneshot::channel::<()>();
     let runner = tokio::spawn(Runner::new(handler, config).run(async {
         let _ = runner_stopped.await;
@@ -110,7 +113,11 @@ async fn runner_registers_streams_and_reregisters() {
     assert_eq!(endpoint, dir.path().join("debugEcho.sock"));
 
     // Stream devices through the wire, as the agent will.
-    let remote = RemoteHandler::new(reg.name.clone(), reg.shared, HandlerEndpoint::Uds(endpoint.clone()));
+    let remote = RemoteHandler::new(
+        reg.name.clone(),
+        reg.shared,
+        HandlerEndpoint::Uds(endpoint.clone()),
+    );
     let availability = dir.path().join("availability");
     let details = format!(
         "descriptions:\n- foo0\n- foo1\navailabilityFile: {}\n",
@@ -140,7 +147,10 @@ async fn runner_registers_streams_and_reregisters() {
     let took = t.elapsed();
     println!("re-registered {took:?} after the registry restarted");
     assert_eq!(again, reg);
-    assert!(took < Duration::from_secs(1), "re-registration took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "re-registration took {took:?}"
+    );
 
     // Clean shutdown removes the handler's socket.
     let _ = stop_runner.send(());
@@ -207,10 +217,17 @@ async fn bad_settings_are_invalid_argument_over_the_wire() {
 async fn embedded_and_remote_give_the_same_devices() {
     let dir = tempfile::tempdir().expect("tempdir");
     let handler = DebugEcho::new(dir.path().join("av"), true);
-    let mut embedded = handler.discover(request("descriptions: [x, y]")).await.expect("embedded");
+    let mut embedded = handler
+        .discover(request("descriptions: [x, y]"))
+        .await
+        .expect("embedded");
     assert_eq!(next_update(&mut embedded).await, ["x", "y"]);
-    let unreachable = RemoteHandler::new("debugEcho", true, HandlerEndpoint::Uds(dir.path().join("none.sock")))
-        .with_connect_timeout(Duration::from_secs(1));
+    let unreachable = RemoteHandler::new(
+        "debugEcho",
+        true,
+        HandlerEndpoint::Uds(dir.path().join("none.sock")),
+    )
+    .with_connect_timeout(Duration::from_secs(1));
     assert!(matches!(
         unreachable.discover(request("descriptions: [x]")).await,
         Err(DiscoveryError::Transport(_))

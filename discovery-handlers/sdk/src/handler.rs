@@ -185,5 +185,8 @@ pub trait DiscoveryHandler: Send + Sync + 'static {
 
     /// Validates `request` and starts discovery. Invalid settings must fail
     /// here with [`DiscoveryError::InvalidSettings`], not later in the stream.
-    fn discover(&self, request: DiscoveryRequest) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>>;
+    fn discover(
+        &self,
+        request: DiscoveryRequest,
+    ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>>;
 }

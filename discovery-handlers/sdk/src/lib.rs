@@ -30,8 +30,7 @@ pub mod uds;
 
 pub use filter::{FilterAction, FilterList};
 pub use handler::{
-    DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest, DiscoveryUpdate,
-    severity,
+    DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest, DiscoveryUpdate, severity,
 };
 pub use remote::{HandlerEndpoint, RemoteHandler};
 pub use runner::{Runner, RunnerConfig, RunnerError};

@@ -9,7 +9,9 @@ use tonic::transport::Channel;
 use verge_device_plugin_proto::v0::DiscoverRequest;
 use verge_device_plugin_proto::v0::discovery_handler_client::DiscoveryHandlerClient;
 
-use crate::{DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest, DiscoveryUpdate, uds};
+use crate::{
+    DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest, DiscoveryUpdate, uds,
+};
 
 /// Default time allowed to connect to a handler endpoint.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,7 +65,10 @@ impl RemoteHandler {
         &self.endpoint
     }
 
-    async fn channel(endpoint: HandlerEndpoint, timeout: Duration) -> Result<Channel, DiscoveryError> {
+    async fn channel(
+        endpoint: HandlerEndpoint,
+        timeout: Duration,
+    ) -> Result<Channel, DiscoveryError> {
         let result = match &endpoint {
             HandlerEndpoint::Uds(path) => uds::connect(path, timeout).await,
             HandlerEndpoint::Network(uri) => {
@@ -85,16 +90,20 @@ impl DiscoveryHandler for RemoteHandler {
         self.shared
     }
 
-    fn discover(&self, request: DiscoveryRequest) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
+    fn discover(
+        &self,
+        request: DiscoveryRequest,
+    ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
         let endpoint = self.endpoint.clone();
         let timeout = self.connect_timeout;
         Box::pin(async move {
             let channel = Self::channel(endpoint, timeout).await?;
             let mut client = DiscoveryHandlerClient::new(channel);
             let response = client.discover(DiscoverRequest::from(request)).await?;
-            let stream = response
-                .into_inner()
-                .map(|item| item.map(DiscoveryUpdate::from).map_err(DiscoveryError::from));
+            let stream = response.into_inner().map(|item| {
+                item.map(DiscoveryUpdate::from)
+                    .map_err(DiscoveryError::from)
+            });
             Ok(Box::pin(stream) as DeviceStream)
         })
     }

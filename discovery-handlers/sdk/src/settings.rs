@@ -32,15 +32,22 @@ mod tests {
     fn yaml_json_and_empty() {
         let y: Settings = parse_details("descriptions:\n- a\n- b\n").expect("yaml");
         assert_eq!(y.descriptions, ["a", "b"]);
-        let j: Settings = parse_details(r#"{"descriptions": ["a"], "timeoutSeconds": 3}"#).expect("json");
+        let j: Settings =
+            parse_details(r#"{"descriptions": ["a"], "timeoutSeconds": 3}"#).expect("json");
         assert_eq!(j.timeout_seconds, Some(3));
-        assert_eq!(parse_details::<Settings>("  \n").expect("empty"), Settings::default());
+        assert_eq!(
+            parse_details::<Settings>("  \n").expect("empty"),
+            Settings::default()
+        );
     }
 
     #[test]
     fn unknown_and_mistyped_fields_are_named() {
         let e = parse_details::<Settings>("descriptionz: [a]").expect_err("unknown");
-        assert!(matches!(&e, DiscoveryError::InvalidSettings(m) if m.contains("descriptionz")), "{e}");
+        assert!(
+            matches!(&e, DiscoveryError::InvalidSettings(m) if m.contains("descriptionz")),
+            "{e}"
+        );
         let e = parse_details::<Settings>("timeoutSeconds: soon").expect_err("mistyped");
         assert!(matches!(e, DiscoveryError::InvalidSettings(_)));
         let e = parse_details::<Settings>("descriptions: [a").expect_err("malformed");
