@@ -1,1 +1,236 @@
-fn main() {}
+//! `verge-agent`: the per-node agent.
+//!
+//! ```text
+//! handlers ──Discover──► discovery ──device lists──► state ──► device plugins ──► kubelet
+//!                                                        └──► Instance writer ──► API server
+//! ```
+
+mod allocate;
+mod config;
+mod discovery;
+mod instances;
+mod metrics;
+mod plugins;
+mod podresources;
+mod properties;
+mod registry;
+mod state;
+mod status;
+mod watchers;
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tokio::sync::{Notify, mpsc};
+
+use crate::allocate::AgentAllocator;
+use crate::config::AgentConfig;
+use crate::instances::{WriterConfig, WriterEvent};
+use crate::metrics::Metrics;
+use crate::plugins::PluginManager;
+use crate::podresources::PodResources;
+use crate::registry::Registry;
+use crate::state::{AgentState, Effects};
+use crate::status::StatusBoard;
+
+/// Coalescing window of Configuration status writes.
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Verge node agent.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent on this node.
+    Run(Box<AgentConfig>),
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(config) => match run(*config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "verge-agent failed");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    #[error("cannot create a Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("cannot serve the registration socket: {0}")]
+    Registration(std::io::Error),
+}
+
+async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::new();
+    let registry = Registry::new(metrics.clone());
+    add_embedded_handlers(&registry, &config);
+
+    let (plugin_tx, plugin_rx) = mpsc::unbounded_channel();
+    let (write_tx, write_rx) = mpsc::unbounded_channel();
+    let (status_tx, status_rx) = mpsc::unbounded_channel();
+    let grace = Arc::new(Notify::new());
+    let state = Arc::new(Mutex::new(AgentState::new(
+        config.node_name.clone(),
+        Effects {
+            plugins: plugin_tx,
+            writes: write_tx.clone(),
+            status: status_tx.clone(),
+            grace: grace.clone(),
+        },
+        Some(metrics.clone()),
+    )));
+    let board = StatusBoard::new(status_tx);
+
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WriterEvent>();
+    tokio::spawn(instances::run_writer(
+        client.clone(),
+        WriterConfig {
+            node: config.node_name.clone(),
+            backoff_initial: config.api_backoff_initial,
+            backoff_max: config.api_backoff_max,
+            concurrency: config.api_write_concurrency,
+        },
+        write_rx,
+        events_tx,
+        metrics.clone(),
+    ));
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            while let Some(WriterEvent::Conflict(key, since)) = events_rx.recv().await {
+                tracing::info!(instance = %key.name, "slot claim lost to another node");
+                if let Ok(mut s) = state.lock() {
+                    s.claim_failed(&key, since);
+                }
+            }
+        });
+    }
+
+    let pod_resources = PodResources::new(config.pod_resources_socket.clone());
+    let allocator = Arc::new(AgentAllocator {
+        state: state.clone(),
+        writes: write_tx,
+        pod_resources: pod_resources.clone(),
+        claim_timeout: config.claim_timeout,
+        kubelet_sync_timeout: config.kubelet_sync_timeout,
+        metrics: metrics.clone(),
+    });
+    let manager = PluginManager::new(
+        config.device_plugins_directory.clone(),
+        Arc::new(allocator),
+        metrics.clone(),
+    );
+    tokio::spawn(manager.run(plugin_rx));
+    tokio::spawn(podresources::reclaim_loop(
+        pod_resources,
+        state.clone(),
+        config.slot_reclaim_interval,
+        config.allocation_grace,
+        metrics.clone(),
+    ));
+    tokio::spawn(expire_loop(state.clone(), grace));
+    tokio::spawn(status::run_writer(
+        client.clone(),
+        config.node_name.clone(),
+        state.clone(),
+        board.clone(),
+        status_rx,
+        STATUS_INTERVAL,
+        metrics.clone(),
+    ));
+    tokio::spawn(watchers::watch_instances(client.clone(), state.clone()));
+    tokio::spawn(
+        watchers::ConfigWatcher {
+            client: client.clone(),
+            config: config.clone(),
+            registry: registry.clone(),
+            state: state.clone(),
+            board,
+        }
+        .run(),
+    );
+    {
+        let metrics = metrics.clone();
+        let address = config.metrics_address;
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(address, metrics).await {
+                tracing::error!(%address, error = %e, "metrics server failed");
+            }
+        });
+    }
+    let registration = tokio::spawn(registry::serve(
+        registry,
+        config.discovery_handlers_directory.clone(),
+        config.registration_socket_gid,
+    ));
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(node = %config.node_name, "verge-agent running");
+
+    tokio::select! {
+        r = registration => if let Ok(Err(e)) = r {
+            return Err(AgentError::Registration(e));
+        },
+        _ = verge_discovery_sdk::runner::shutdown_signal() => {
+            // Instances and slots stay as they are: the next agent adopts them.
+            tracing::info!("shutting down");
+        }
+    }
+    Ok(())
+}
+
+/// Removes devices whose grace period ran out, waking exactly at the next deadline.
+async fn expire_loop(state: Arc<Mutex<AgentState>>, changed: Arc<Notify>) {
+    loop {
+        let next = match state.lock() {
+            Ok(mut s) => s.expire(Instant::now()),
+            Err(_) => return,
+        };
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = changed.notified() => {}
+                }
+            }
+            None => changed.notified().await,
+        }
+    }
+}
+
+fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
+    #[cfg(feature = "debug-echo")]
+    if !config.disable_debug_echo {
+        registry.add_embedded(Arc::new(verge_debug_echo::DebugEcho::new(
+            config.debug_echo_availability_file.clone(),
+            true,
+        )));
+    }
+    let _ = (registry, config);
+}

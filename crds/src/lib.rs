@@ -2,6 +2,10 @@
 //! with Akri so existing Configurations apply unchanged, plus the Verge
 //! `status` subresources and the naming rules shared by agent and controller.
 
+// kube-derive takes one `printcolumn(...)` per column; clippy sees the
+// repeated `type_ = "..."` inside them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod configuration;
 pub mod instance;
 pub mod naming;

@@ -1,0 +1,122 @@
+//! Every interval, timeout and path the agent uses, as flags with env vars.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Agent settings. Each has a flag, an env var and a documented default.
+#[derive(Args, Debug, Clone)]
+pub struct AgentConfig {
+    /// Name of the node this agent runs on (the Downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Directory of the handler registration socket (agent-registration.sock)
+    /// and of the handlers' own sockets.
+    #[arg(
+        long,
+        env = "DISCOVERY_HANDLERS_DIRECTORY",
+        default_value = "/var/lib/akri"
+    )]
+    pub discovery_handlers_directory: PathBuf,
+
+    /// Group (numeric gid) given to the registration socket, whose mode is 0660,
+    /// so only handler pods with this supplemental group can register.
+    #[arg(long, env = "REGISTRATION_SOCKET_GID")]
+    pub registration_socket_gid: Option<u32>,
+
+    /// kubelet's device-plugin directory (kubelet.sock and the plugin sockets).
+    #[arg(
+        long,
+        env = "DEVICE_PLUGINS_DIRECTORY",
+        default_value = "/var/lib/kubelet/device-plugins"
+    )]
+    pub device_plugins_directory: PathBuf,
+
+    /// kubelet's pod-resources socket.
+    #[arg(
+        long,
+        env = "POD_RESOURCES_SOCKET",
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )]
+    pub pod_resources_socket: PathBuf,
+
+    /// How long a device may be missing from its handler's list before its
+    /// Instance is removed. A Configuration can override it with the annotation
+    /// `akri.sh/device-grace-period` (e.g. "0s", "2m").
+    #[arg(long, env = "DEVICE_GRACE_PERIOD", default_value = "30s", value_parser = duration)]
+    pub device_grace_period: Duration,
+
+    /// How often kubelet's pod-resources API is read to reclaim slots of pods
+    /// that are gone.
+    #[arg(long, env = "SLOT_RECLAIM_INTERVAL", default_value = "500ms", value_parser = duration)]
+    pub slot_reclaim_interval: Duration,
+
+    /// A slot allocated less than this long ago is not reclaimed even if
+    /// kubelet does not list it yet (kubelet records an allocation only after
+    /// Allocate returns and the pod is admitted).
+    #[arg(long, env = "ALLOCATION_GRACE", default_value = "10s", value_parser = duration)]
+    pub allocation_grace: Duration,
+
+    /// Longest time Allocate waits for kubelet to see the slot's twin device
+    /// (the same slot through the other resource) as unhealthy.
+    #[arg(long, env = "KUBELET_SYNC_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub kubelet_sync_timeout: Duration,
+
+    /// Longest time Allocate waits to record a claim on a shared device in the
+    /// API server (the claim that keeps other nodes off the slot).
+    #[arg(long, env = "CLAIM_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub claim_timeout: Duration,
+
+    /// First retry delay of a failed API write.
+    #[arg(long, env = "API_BACKOFF_INITIAL", default_value = "200ms", value_parser = duration)]
+    pub api_backoff_initial: Duration,
+
+    /// Largest retry delay of a failed API write.
+    #[arg(long, env = "API_BACKOFF_MAX", default_value = "30s", value_parser = duration)]
+    pub api_backoff_max: Duration,
+
+    /// API writes in flight at once.
+    #[arg(long, env = "API_WRITE_CONCURRENCY", default_value_t = 4)]
+    pub api_write_concurrency: usize,
+
+    /// Largest delay before a discovery stream that ended or failed is opened again.
+    #[arg(long, env = "DISCOVERY_BACKOFF_MAX", default_value = "10s", value_parser = duration)]
+    pub discovery_backoff_max: Duration,
+
+    /// How often Secrets and ConfigMaps behind discoveryProperties are read
+    /// again, so a rotated credential restarts discovery.
+    #[arg(long, env = "PROPERTY_REFRESH_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub property_refresh_interval: Duration,
+
+    /// Allow discoveryProperties to reference Secrets and ConfigMaps in other
+    /// namespaces than the Configuration's (Akri's behaviour; off by default).
+    #[arg(
+        long,
+        env = "ALLOW_CROSS_NAMESPACE_PROPERTIES",
+        default_value_t = false
+    )]
+    pub allow_cross_namespace_properties: bool,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:8090")]
+    pub metrics_address: SocketAddr,
+
+    /// Default availability file of the embedded debugEcho handler.
+    #[arg(
+        long,
+        env = "DEBUG_ECHO_AVAILABILITY_FILE",
+        default_value = "/tmp/debug-echo-availability.txt"
+    )]
+    pub debug_echo_availability_file: PathBuf,
+
+    /// Disable the embedded debugEcho handler even when compiled in.
+    #[arg(long, env = "DISABLE_DEBUG_ECHO", default_value_t = false)]
+    pub disable_debug_echo: bool,
+}
