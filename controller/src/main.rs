@@ -1,1 +1,288 @@
-fn main() {}
+//! verge-controller: makes every akri.sh Instance's broker Pods or Job and Services exist as its
+//! Configuration declares, reports status, and removes lost nodes from Instances. Two replicas
+//! are safe: only the holder of the leader Lease runs the controllers.
+
+mod brokers;
+mod cli;
+mod configurations;
+mod context;
+mod error;
+mod failures;
+mod http;
+mod instances;
+mod leader;
+mod metrics;
+mod nodes;
+mod services;
+mod status;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::Api;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{debug, error, info, warn};
+use tracing_subscriber::EnvFilter;
+use verge_crds::naming::{CONTROLLER_LABEL_VALUE, LABEL_CONFIGURATION, LABEL_CONTROLLER};
+use verge_crds::{Configuration, Instance};
+
+use crate::cli::{Args, LogFormat};
+use crate::context::Context;
+use crate::http::Health;
+use crate::leader::{Elector, LeaseSettings};
+use crate::metrics::Metrics;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(message) = args.validate() {
+        eprintln!("verge-controller: {message}");
+        return ExitCode::from(2);
+    }
+    init_tracing(args.log_format);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("building the Kubernetes client")?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
+    info!(addr = %args.http_addr, "serving /healthz, /readyz and /metrics");
+    let app = http::router(metrics.clone(), health.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    let identity = args.identity();
+    let mut elector = Elector::new(
+        Api::namespaced(client.clone(), &args.lease_namespace),
+        LeaseSettings {
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            duration: args.lease_duration,
+        },
+    );
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+
+    info!(
+        identity,
+        lease = args.lease_name,
+        namespace = args.lease_namespace,
+        "waiting to become leader"
+    );
+    loop {
+        let round = tokio::time::timeout(args.lease_renew_deadline, elector.try_acquire_or_renew());
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            result = round => match result {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => health.set_api_reachable(true),
+                Ok(Err(e)) => {
+                    health.set_api_reachable(false);
+                    warn!(error = %e, "Lease round failed");
+                }
+                Err(_) => {
+                    health.set_api_reachable(false);
+                    warn!("Lease round timed out");
+                }
+            },
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(args.lease_retry_period) => {}
+        }
+    }
+    health.set_api_reachable(true);
+    metrics.leader.set(1);
+    info!(identity, "became leader; starting controllers");
+
+    let mut controllers = tokio::spawn(run_controllers(
+        client.clone(),
+        args.clone(),
+        identity.clone(),
+        metrics.clone(),
+    ));
+    let mut last_renewal = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                controllers.abort();
+                metrics.leader.set(0);
+                if let Err(e) = elector.release().await {
+                    warn!(error = %e, "could not release the Lease; a standby takes over when it expires");
+                }
+                return Ok(());
+            }
+            result = &mut controllers => {
+                metrics.leader.set(0);
+                bail!("controllers stopped unexpectedly: {result:?}");
+            }
+            _ = tokio::time::sleep(args.lease_retry_period) => {
+                let round = tokio::time::timeout(args.lease_renew_deadline, elector.try_acquire_or_renew()).await;
+                match round {
+                    Ok(Ok(true)) => {
+                        last_renewal = Instant::now();
+                        health.set_api_reachable(true);
+                    }
+                    Ok(Ok(false)) => {
+                        metrics.leader.set(0);
+                        bail!("another replica holds the leader Lease; exiting so that only one acts");
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        health.set_api_reachable(false);
+                        // Stop before the Lease can expire, so a standby never acts alongside us.
+                        if last_renewal.elapsed() >= args.lease_renew_deadline {
+                            metrics.leader.set(0);
+                            bail!(
+                                "could not renew the leader Lease for {:?}; exiting so that only one replica acts",
+                                args.lease_renew_deadline
+                            );
+                        }
+                        warn!("Lease renewal failed; retrying");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The Configuration of a broker (Pod or Job) by its label.
+fn configuration_of<K: Resource>(obj: &K) -> Option<ObjectRef<Configuration>> {
+    let namespace = obj.meta().namespace.as_deref()?;
+    let name = obj.meta().labels.as_ref()?.get(LABEL_CONFIGURATION)?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+async fn run_controllers(client: Client, args: Args, identity: String, metrics: Arc<Metrics>) {
+    let ns = args.watch_namespace.clone();
+    let ns = ns.as_deref();
+    let configurations: Api<Configuration> = api(&client, ns);
+    let instances: Api<Instance> = api(&client, ns);
+    let pods: Api<Pod> = api(&client, ns);
+    let jobs: Api<Job> = api(&client, ns);
+    let services: Api<Service> = api(&client, ns);
+    // Only what the controller made is watched, not every Pod in the cluster.
+    let brokers =
+        watcher::Config::default().labels(&format!("{LABEL_CONTROLLER}={CONTROLLER_LABEL_VALUE}"));
+    let debounce = controller::Config::default().debounce(args.reconcile_debounce);
+
+    let configuration_controller =
+        Controller::new(configurations.clone(), watcher::Config::default());
+    let ctx = Arc::new(Context::new(
+        client,
+        args,
+        identity,
+        metrics,
+        configuration_controller.store(),
+    ));
+
+    let instance_controller = Controller::new(instances.clone(), watcher::Config::default());
+    let instance_store = instance_controller.store();
+    let instance_loop = instance_controller
+        .owns(pods.clone(), brokers.clone())
+        .owns(jobs.clone(), brokers.clone())
+        .owns(services.clone(), brokers.clone())
+        // A changed Configuration (broker spec, Service spec) concerns all of its Instances.
+        .watches(
+            configurations,
+            watcher::Config::default(),
+            move |c: Configuration| {
+                let namespace = c.namespace();
+                let name = c.name_any();
+                instance_store
+                    .state()
+                    .into_iter()
+                    .filter(|i| i.namespace() == namespace && i.spec.configuration_name == name)
+                    .map(|i| ObjectRef::from_obj(i.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(debounce.clone())
+        .run(instances::reconcile, instances::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(instance = %object, "reconciled"),
+                Err(e) => debug!(error = %e, "instance controller"),
+            }
+        });
+
+    let configuration_loop = configuration_controller
+        .owns(services, brokers.clone())
+        .watches(instances, watcher::Config::default(), |i: Instance| {
+            let namespace = i.namespace()?;
+            Some(ObjectRef::new(&i.spec.configuration_name).within(&namespace))
+        })
+        .watches(pods, brokers.clone(), |p: Pod| configuration_of(&p))
+        .watches(jobs, brokers, |j: Job| configuration_of(&j))
+        .with_config(debounce)
+        .run(
+            configurations::reconcile,
+            configurations::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(configuration = %object, "reconciled"),
+                Err(e) => debug!(error = %e, "configuration controller"),
+            }
+        });
+
+    tokio::join!(instance_loop, configuration_loop, nodes::run(ctx));
+}
