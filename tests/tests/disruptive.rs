@@ -48,10 +48,19 @@ async fn kubelet_restart_keeps_pods_and_node_ready() -> Result<()> {
         restarts == 0,
         "the container restarted {restarts} time(s) across a kubelet restart"
     );
-    // exec still works through the new kubelet
-    let env = c
-        .exec(ns.name(), "survivor", &["verge-test-broker", "env"])
-        .await?;
+    // exec works through the new kubelet once it has synced its pods from the API server
+    // (right after a restart it answers "pod does not exist" for a moment).
+    let env = wait_until(
+        "exec through the restarted kubelet",
+        Duration::from_secs(30),
+        || async {
+            Ok(Some(
+                c.exec(ns.name(), "survivor", &["verge-test-broker", "env"])
+                    .await?,
+            ))
+        },
+    )
+    .await?;
     ensure!(env.contains("VERGE_TEST_MARKER=survivor"));
     report_time("kubelet restart: node Ready again, pod untouched", t);
     Ok(())
