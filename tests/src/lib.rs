@@ -105,11 +105,19 @@ pub fn required() -> bool {
     std::env::var("VERGE_E2E").is_ok_and(|v| v == "required")
 }
 
-/// Prints a timing line and appends it to `<state dir>/logs/e2e-timings.log` (shown by
-/// `cluster logs --tail N`), so the times are visible even when the test output is captured.
+/// Writes one line to the process's real stderr, past the test harness's output capture (which
+/// only catches the `print!` family), so it shows in CI logs even for passing tests.
+pub fn uncaptured(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+/// Reports how long something took: one line on stderr (not captured, see [`uncaptured`]),
+/// also appended to `<state dir>/logs/e2e-timings.log` (shown by `cluster logs --tail N`).
 pub fn report_time(what: &str, started: Instant) {
     let line = format!("[e2e] {what}: {:.2}s", started.elapsed().as_secs_f64());
-    println!("{line}");
+    uncaptured(&line);
     let logs = state_dir().join("logs");
     if logs.is_dir() {
         use std::io::Write;
@@ -237,11 +245,11 @@ impl Cluster {
                     );
                 }
                 SKIP_NOTICE.get_or_init(|| {
-                    eprintln!(
+                    uncaptured(&format!(
                         "verge-e2e: SKIPPING cluster tests: no test cluster reachable ({reason}); \
                          start one with `tests/cluster/cluster up && tests/cluster/cluster images` \
                          (set VERGE_E2E=required to make this a failure)"
-                    );
+                    ));
                 });
                 None
             }

@@ -335,10 +335,10 @@ async fn two_nodes_run_a_pod_each() -> Result<()> {
     };
     let nodes = c.node_names().await?;
     if nodes.len() < 2 {
-        println!(
+        verge_e2e::uncaptured(&format!(
             "two_nodes_run_a_pod_each: single-node cluster ({nodes:?}); skipped \
              (start with `tests/cluster/cluster up --nodes 2`)"
-        );
+        ));
         return Ok(());
     }
     let start = Instant::now();

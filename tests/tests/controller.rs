@@ -109,6 +109,29 @@ impl ControllerProcess {
     }
 }
 
+static CRDS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// Installs (or updates) the project's CRDs once per test process and waits until they serve.
+async fn ensure_crds(c: &Cluster) -> Result<()> {
+    CRDS.get_or_try_init(|| async {
+        let dir = verge_e2e::repo_root().join("crds");
+        let dir = dir.to_string_lossy();
+        c.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &dir])
+            .await?;
+        c.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/configurations.akri.sh",
+            "crd/instances.akri.sh",
+        ])
+        .await?;
+        Ok::<(), anyhow::Error>(())
+    })
+    .await?;
+    Ok(())
+}
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -336,6 +359,7 @@ async fn brokers_services_status_and_updates() -> Result<()> {
     };
     let ns = c.namespace("ctl-brokers").await?;
     let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
     let controller =
         ControllerProcess::start(&c, &ns, "solo", &["--node-loss-delay", "10m"]).await?;
     let result = brokers_services_status_and_updates_body(&c, &ns, &controller).await;
@@ -633,6 +657,7 @@ async fn lost_node_leaves_instances_without_stealing_fields() -> Result<()> {
     };
     let ns = c.namespace("ctl-nodeloss").await?;
     let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
     let controller = ControllerProcess::start(
         &c,
         &ns,
@@ -738,6 +763,7 @@ async fn broker_job_per_instance_and_generation() -> Result<()> {
     };
     let ns = c.namespace("ctl-job").await?;
     let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
     let controller = ControllerProcess::start(&c, &ns, "solo", &[]).await?;
     let result = job_body(&c, &ns).await;
     explain(result, &[&controller])
@@ -848,6 +874,7 @@ async fn invalid_broker_spec_becomes_a_condition() -> Result<()> {
     };
     let ns = c.namespace("ctl-invalid").await?;
     let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
     let controller = ControllerProcess::start(&c, &ns, "solo", &[]).await?;
     let result = async {
         let mut spec = broker_pod_spec("x");
@@ -896,6 +923,7 @@ async fn two_replicas_one_leader_and_failover() -> Result<()> {
     };
     let ns = c.namespace("ctl-leader").await?;
     let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
     let mut a = ControllerProcess::start(&c, &ns, "replica-a", &[]).await?;
     // Let replica-a win first, so the test knows whom to kill.
     explain(
