@@ -398,3 +398,66 @@ async fn multicast_guard_is_installed_and_clean() -> Result<()> {
     };
     c.assert_no_multicast_leak().await
 }
+
+/// Removes a device-LAN namespace made by `cluster lan-host` when dropped (also on failure).
+struct LanHost(String);
+
+impl Drop for LanHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(verge_e2e::cluster_script())
+            .args(["lan-host-del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn device_lan_namespace_gets_host_multicast_not_eth0() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    let t = Instant::now();
+    let name = format!("vg-e2e-lan-{}", std::process::id() % 100_000);
+    verge_e2e::cluster_cmd(&["lan-host", &name, "10.204.0.200/24", "fd00:204::200/64"]).await?;
+    let _lan = LanHost(name.clone());
+    // A receiver in the namespace joins a group on its LAN interface and prints the first datagram.
+    let receiver = "import socket, struct\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.bind(('', 5999))\n\
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,\n\
+            struct.pack('4s4s', socket.inet_aton('239.255.77.1'), socket.inet_aton('10.204.0.200')))\n\
+        s.settimeout(20)\n\
+        data, addr = s.recvfrom(100)\n\
+        print(data.decode(), addr[0], flush=True)\n";
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &name, "/usr/bin/python3", "-c", receiver])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    // The host sends without choosing an interface: the harness routes 224.0.0.0/4 to the LAN.
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        sock.send_to(b"verge-e2e-mcast", "239.255.77.1:5999")
+            .await?;
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        ensure!(Instant::now() < deadline, "no datagram reached {name}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let out = child.wait_with_output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        status.success() && stdout.trim() == "verge-e2e-mcast 10.204.0.1",
+        "receiver in {name}: {status} {stdout:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.assert_no_multicast_leak().await?;
+    report_time(
+        "host multicast reached a device-LAN namespace, none left by eth0",
+        t,
+    );
+    Ok(())
+}
