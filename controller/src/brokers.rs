@@ -389,6 +389,15 @@ pub fn pending_deadline(pod: &Pod, now: Timestamp, pending_timeout: Duration) ->
     Some(pending_timeout.saturating_sub(duration_between(created, now)))
 }
 
+/// Whether a Pod is a broker Pod the controller made directly (its controlling owner is an
+/// Instance), as opposed to a Pod of a broker Job, which carries the same labels.
+pub fn is_broker_pod(pod: &Pod) -> bool {
+    pod.metadata.owner_references.as_ref().is_some_and(|refs| {
+        refs.iter()
+            .any(|r| r.controller == Some(true) && r.kind == Instance::kind(&()))
+    })
+}
+
 /// The phase of a Pod (`Pending` when the API has not set one yet).
 pub fn pod_phase(pod: &Pod) -> &str {
     pod.status
@@ -691,6 +700,23 @@ mod tests {
         let left =
             pending_deadline(&existing("p", "Pending", 30, "s", "p1"), now, timeout).unwrap();
         assert_eq!(left, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn job_pods_are_not_broker_pods() {
+        let i = instance("cam-abc123", true, 1, &["n1"]);
+        let pod = desired_pod(&i, "n1", &pod_spec(), "h");
+        assert!(is_broker_pod(&pod));
+        let mut job_pod = pod.clone();
+        job_pod.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "batch/v1".into(),
+            kind: "Job".into(),
+            name: "cam-abc123-1-job".into(),
+            uid: "j".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]);
+        assert!(!is_broker_pod(&job_pod));
     }
 
     #[test]

@@ -22,11 +22,12 @@ use verge_crds::naming::{
 };
 use verge_crds::{Configuration, Instance, InstanceSpec};
 
-use crate::brokers::{broker_nodes, desired_job, desired_pod, pod_phase, pod_ready};
+use crate::brokers::{broker_nodes, desired_job, desired_pod, is_broker_pod, pod_phase, pod_ready};
 use crate::cli::FIELD_MANAGER;
 use crate::context::Context;
 use crate::error::{Error, api_message, is_not_found, is_refusal};
 use crate::instances::{object_key, rfc3339_now};
+use crate::metrics::NodePhase;
 use crate::services::{configuration_service, instance_service, is_ours};
 use crate::status::{BrokerTally, ConfigurationFacts, configuration_status};
 
@@ -71,6 +72,10 @@ async fn reconcile_inner(configuration: &Configuration, ctx: &Context) -> Result
         field: "metadata.namespace",
     })?;
     let name = configuration.name_any();
+    if configuration.metadata.deletion_timestamp.is_some() {
+        // Garbage collection removes what it owns; recreating a Service now would race it.
+        return Ok(Action::await_change());
+    }
     let instances: Vec<Instance> = Api::<Instance>::namespaced(ctx.client.clone(), &namespace)
         .list(&ListParams::default())
         .await?
@@ -86,27 +91,29 @@ async fn reconcile_inner(configuration: &Configuration, ctx: &Context) -> Result
         "{LABEL_CONFIGURATION}={name},{LABEL_CONTROLLER}={CONTROLLER_LABEL_VALUE}"
     ));
     let mut brokers = BrokerTally::default();
-    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_node: BTreeMap<NodePhase, usize> = BTreeMap::new();
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
         .list(&selector)
         .await?
         .items;
+    // Pods of broker Jobs carry the same labels; the Jobs are counted below.
     for pod in pods
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && is_broker_pod(p))
     {
-        match pod_phase(pod) {
-            "Running" => {
-                brokers.running += 1;
-                if let Some(node) = pod.labels().get(LABEL_TARGET_NODE) {
-                    *per_node.entry(node.clone()).or_default() += 1;
-                }
-            }
+        let phase = pod_phase(pod);
+        match phase {
+            "Running" => brokers.running += 1,
             "Failed" | "Succeeded" => brokers.ended += 1,
             _ => {}
         }
         if pod_ready(pod) {
             brokers.ready += 1;
+        }
+        if let Some(node) = pod.labels().get(LABEL_TARGET_NODE) {
+            *per_node
+                .entry((node.clone(), phase.to_string()))
+                .or_default() += 1;
         }
     }
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace)

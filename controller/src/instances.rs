@@ -24,7 +24,7 @@ use verge_crds::{Configuration, Instance};
 use crate::brokers::{
     ANNOTATION_PROPERTIES_HASH, ANNOTATION_SPEC_HASH, PodVerdict, Removal, broker_job_name,
     broker_nodes, broker_pod_name, desired_job, desired_pod, duration_between, hash_of,
-    pending_deadline, pod_phase, pod_ready, properties_hash,
+    is_broker_pod, pending_deadline, pod_phase, pod_ready, properties_hash,
 };
 use crate::cli::FIELD_MANAGER;
 use crate::context::Context;
@@ -87,6 +87,10 @@ async fn reconcile_inner(instance: &Instance, ctx: &Context) -> Result<Action, E
         field: "metadata.namespace",
     })?;
     let name = instance.name_any();
+    if instance.metadata.deletion_timestamp.is_some() {
+        // Being deleted (foreground deletion waits for its brokers): start nothing new.
+        return Ok(Action::await_change());
+    }
     let configurations: Api<Configuration> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(configuration) = configurations
         .get_opt(&instance.spec.configuration_name)
@@ -219,7 +223,13 @@ async fn reconcile_pods(
 ) -> Result<(), Error> {
     let name = instance.name_any();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let pods = api.list(&broker_selector(&name)).await?.items;
+    let pods: Vec<Pod> = api
+        .list(&broker_selector(&name))
+        .await?
+        .items
+        .into_iter()
+        .filter(is_broker_pod)
+        .collect();
     if pod_spec.is_none() && pods.is_empty() {
         return Ok(());
     }

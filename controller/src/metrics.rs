@@ -28,6 +28,8 @@ pub struct BrokerLabels {
     pub configuration: String,
     /// Node the broker Pods run on.
     pub node: String,
+    /// Pod phase (`Pending`, `Running`, ...).
+    pub phase: String,
 }
 
 /// Labels per controller.
@@ -46,6 +48,14 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+/// A node and a Pod phase.
+pub type NodePhase = (String, String);
+
+/// Error kinds per controller, exported as zero from the start so that rates work at once.
+const ERROR_KINDS: [&str; 3] = ["kube", "missing_field", "brokers"];
+/// Controllers, as labelled in metrics.
+const CONTROLLERS: [&str; 2] = ["instance", "configuration"];
+
 type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -59,7 +69,7 @@ fn duration_histogram() -> Histogram {
 /// All metrics and their registry.
 pub struct Metrics {
     registry: Registry,
-    /// Running broker Pods per Configuration and node.
+    /// Broker Pods per Configuration, node and phase.
     pub broker_pods: Family<BrokerLabels, Gauge>,
     /// Reconcile duration per controller.
     pub reconcile_duration: HistogramFamily,
@@ -69,8 +79,9 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Nodes removed from Instances after being lost.
     pub node_removals: Counter,
-    /// Label sets of `broker_pods` per (namespace, configuration), to drop series that vanish.
-    broker_series: Mutex<BTreeMap<(String, String), BTreeSet<String>>>,
+    /// (node, phase) label pairs of `broker_pods` per (namespace, configuration), to drop
+    /// series that vanish.
+    broker_series: Mutex<BTreeMap<(String, String), BTreeSet<NodePhase>>>,
 }
 
 impl Default for Metrics {
@@ -86,7 +97,7 @@ impl Metrics {
         let broker_pods = Family::<BrokerLabels, Gauge>::default();
         registry.register(
             "broker_pods",
-            "Running broker Pods per Configuration and node",
+            "Broker Pods per Configuration, node and phase",
             broker_pods.clone(),
         );
         let reconcile_duration: HistogramFamily =
@@ -114,6 +125,15 @@ impl Metrics {
             "Times a lost node was removed from an Instance",
             node_removals.clone(),
         );
+        for controller in CONTROLLERS {
+            for error in ERROR_KINDS {
+                // Creating the series is the point; the returned handle is not needed.
+                let _ = reconcile_errors.get_or_create(&ErrorLabels {
+                    controller: controller.to_string(),
+                    error: error.to_string(),
+                });
+            }
+        }
         Self {
             registry,
             broker_pods,
@@ -142,27 +162,27 @@ impl Metrics {
         }
     }
 
-    /// Sets the running broker Pods of one Configuration per node; nodes no longer listed lose
-    /// their series.
+    /// Sets the broker Pods of one Configuration per node and phase; pairs no longer listed
+    /// lose their series.
     pub fn set_broker_pods(
         &self,
         namespace: &str,
         configuration: &str,
-        per_node: &BTreeMap<String, usize>,
+        counts: &BTreeMap<NodePhase, usize>,
     ) {
         let key = (namespace.to_string(), configuration.to_string());
         let mut series = self.broker_series.lock().unwrap_or_else(|e| e.into_inner());
         let previous = series.remove(&key).unwrap_or_default();
-        for node in previous.iter().filter(|n| !per_node.contains_key(*n)) {
-            self.broker_pods.remove(&broker_labels(&key, node));
+        for pair in previous.iter().filter(|p| !counts.contains_key(*p)) {
+            self.broker_pods.remove(&broker_labels(&key, pair));
         }
-        for (node, count) in per_node {
+        for (pair, count) in counts {
             self.broker_pods
-                .get_or_create(&broker_labels(&key, node))
+                .get_or_create(&broker_labels(&key, pair))
                 .set(i64::try_from(*count).unwrap_or(i64::MAX));
         }
-        if !per_node.is_empty() {
-            series.insert(key, per_node.keys().cloned().collect());
+        if !counts.is_empty() {
+            series.insert(key, counts.keys().cloned().collect());
         }
     }
 
@@ -172,8 +192,8 @@ impl Metrics {
         series.retain(|key, nodes| {
             let keep = exists(&key.0, &key.1);
             if !keep {
-                for node in nodes.iter() {
-                    self.broker_pods.remove(&broker_labels(key, node));
+                for pair in nodes.iter() {
+                    self.broker_pods.remove(&broker_labels(key, pair));
                 }
             }
             keep
@@ -188,11 +208,12 @@ impl Metrics {
     }
 }
 
-fn broker_labels(key: &(String, String), node: &str) -> BrokerLabels {
+fn broker_labels(key: &(String, String), pair: &NodePhase) -> BrokerLabels {
     BrokerLabels {
         namespace: key.0.clone(),
         configuration: key.1.clone(),
-        node: node.to_string(),
+        node: pair.0.clone(),
+        phase: pair.1.clone(),
     }
 }
 
@@ -200,17 +221,22 @@ fn broker_labels(key: &(String, String), node: &str) -> BrokerLabels {
 mod tests {
     use super::*;
 
+    fn np(node: &str, phase: &str) -> NodePhase {
+        (node.to_string(), phase.to_string())
+    }
+
     #[test]
     fn every_metric_is_exported() {
         let m = Metrics::new();
-        m.set_broker_pods("ns", "cam", &BTreeMap::from([("n1".to_string(), 2)]));
+        m.set_broker_pods("ns", "cam", &BTreeMap::from([(np("n1", "Running"), 2)]));
         m.observe_reconcile("instance", Duration::from_millis(20), Some("kube"));
         m.observe_reconcile("configuration", Duration::from_millis(3), None);
         m.leader.set(1);
         m.node_removals.inc();
         let text = m.encode().unwrap();
         for line in [
-            "verge_controller_broker_pods{namespace=\"ns\",configuration=\"cam\",node=\"n1\"} 2",
+            "verge_controller_broker_pods{namespace=\"ns\",configuration=\"cam\",node=\"n1\",phase=\"Running\"} 2",
+            "verge_controller_reconcile_errors_total{controller=\"configuration\",error=\"brokers\"} 0",
             "verge_controller_reconcile_duration_seconds_count{controller=\"instance\"} 1",
             "verge_controller_reconcile_duration_seconds_count{controller=\"configuration\"} 1",
             "verge_controller_reconcile_errors_total{controller=\"instance\",error=\"kube\"} 1",
@@ -227,12 +253,13 @@ mod tests {
         m.set_broker_pods(
             "ns",
             "cam",
-            &BTreeMap::from([("n1".to_string(), 1), ("n2".to_string(), 1)]),
+            &BTreeMap::from([(np("n1", "Running"), 1), (np("n2", "Pending"), 1)]),
         );
-        m.set_broker_pods("ns", "cam", &BTreeMap::from([("n2".to_string(), 3)]));
+        m.set_broker_pods("ns", "cam", &BTreeMap::from([(np("n2", "Running"), 3)]));
         let text = m.encode().unwrap();
         assert!(!text.contains("node=\"n1\""), "{text}");
-        assert!(text.contains("node=\"n2\"} 3"), "{text}");
+        assert!(!text.contains("phase=\"Pending\""), "{text}");
+        assert!(text.contains("node=\"n2\",phase=\"Running\"} 3"), "{text}");
         m.retain_configurations(|_, _| false);
         assert!(!m.encode().unwrap().contains("node=\"n2\""));
     }

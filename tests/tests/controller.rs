@@ -274,14 +274,13 @@ async fn agent_apply(
         "metadata": {"name": name},
         "spec": {"nodes": [node], "deviceUsage": usage},
     });
-    Ok(api
-        .patch(
-            name,
-            &PatchParams::apply(&format!("verge-agent/{node}")),
-            &Patch::Apply(&claim),
-        )
-        .await
-        .context("node apply (not forced)")?)
+    api.patch(
+        name,
+        &PatchParams::apply(&format!("verge-agent/{node}")),
+        &Patch::Apply(&claim),
+    )
+    .await
+    .context("node apply (not forced)")
 }
 
 fn labels_selector(instance: &str) -> ListParams {
