@@ -233,9 +233,7 @@ async fn crds_apply_and_configuration_round_trips() -> Result<()> {
     );
     println!("{}", out.trim());
     let t = Instant::now();
-    let out = c
-        .kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &dir])
-        .await?;
+    let out = c.kubectl(&["apply", "--server-side", "-f", &dir]).await?;
     report_time("server-side apply of the CRDs", t);
     println!("{}", out.trim());
     for f in &files {
@@ -459,5 +457,92 @@ async fn device_lan_namespace_gets_host_multicast_not_eth0() -> Result<()> {
         "host multicast reached a device-LAN namespace, none left by eth0",
         t,
     );
+    Ok(())
+}
+
+/// Removes a file on every node (through `cluster node-exec`) when dropped.
+struct NodeFiles(Vec<String>, String);
+
+impl Drop for NodeFiles {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let _ = std::process::Command::new(verge_e2e::cluster_script())
+                .args(["node-exec", node, "rm", "-f", &self.1])
+                .status();
+        }
+    }
+}
+
+#[tokio::test]
+async fn nodes_have_their_own_host_paths() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    let nodes = c.node_names().await?;
+    if nodes.len() < 2 {
+        verge_e2e::uncaptured(&format!(
+            "nodes_have_their_own_host_paths: single-node cluster ({nodes:?}); skipped"
+        ));
+        return Ok(());
+    }
+    let t = Instant::now();
+    let ns = c.namespace("hostpath").await?;
+    let marker = format!("/var/lib/akri/{}", ns.name());
+    let _cleanup = NodeFiles(nodes.clone(), marker.clone());
+    for node in &nodes {
+        verge_e2e::cluster_cmd(&[
+            "node-exec",
+            node,
+            "sh",
+            "-c",
+            &format!("echo {node} > {marker}"),
+        ])
+        .await?;
+    }
+    // Each kubelet has its own device-plugin directory (a different kubelet.sock).
+    let mut sockets = std::collections::BTreeSet::new();
+    for node in &nodes {
+        let id = verge_e2e::cluster_cmd(&[
+            "node-exec",
+            node,
+            "stat",
+            "-c",
+            "%d:%i",
+            "/var/lib/kubelet/device-plugins/kubelet.sock",
+        ])
+        .await?;
+        sockets.insert(id.trim().to_string());
+    }
+    ensure!(
+        sockets.len() == nodes.len(),
+        "nodes share /var/lib/kubelet/device-plugins/kubelet.sock: {sockets:?}"
+    );
+    // A hostPath pod on each node sees that node's /var/lib/akri.
+    for (i, node) in nodes.iter().enumerate() {
+        let mut pod = broker_pod(
+            &format!("reader-{i}"),
+            serde_json::json!({"app": "reader"}),
+            Some(node),
+        );
+        pod["spec"]["volumes"] = serde_json::json!([
+            {"name": "akri", "hostPath": {"path": "/var/lib/akri", "type": "Directory"}}
+        ]);
+        pod["spec"]["containers"][0]["volumeMounts"] =
+            serde_json::json!([{"name": "akri", "mountPath": "/host/akri", "readOnly": true}]);
+        c.create_pod(ns.name(), pod).await?;
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let pod = format!("reader-{i}");
+        c.wait_pod_ready(ns.name(), &pod, POD_TIMEOUT).await?;
+        let file = format!("/host/akri/{}", ns.name());
+        let seen = c
+            .exec(ns.name(), &pod, &["verge-test-broker", "cat", &file])
+            .await?;
+        ensure!(
+            seen.trim() == node,
+            "{pod} on {node} read {seen:?} from hostPath /var/lib/akri"
+        );
+    }
+    report_time("per-node /var/lib/kubelet and /var/lib/akri", t);
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! * `verge-test-broker get URL`: HTTP GET of an `http://host[:port]/path` URL (the host is resolved
 //!   with the system resolver, so Service names work in a pod); prints the body; exits 1 unless 200.
 //! * `verge-test-broker resolve NAME`: prints the addresses NAME resolves to; exits 1 if none.
+//! * `verge-test-broker cat PATH`: prints a file (e.g. from a hostPath volume).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -39,12 +40,18 @@ fn main() -> ExitCode {
             Some(url) => get(url).map(|body| print!("{body}")),
             None => Err("usage: verge-test-broker get URL".to_string()),
         },
+        Some("cat") => match args.get(1) {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|text| print!("{text}"))
+                .map_err(|e| format!("read {path}: {e}")),
+            None => Err("usage: verge-test-broker cat PATH".to_string()),
+        },
         Some("resolve") => match args.get(1) {
             Some(name) => resolve(name),
             None => Err("usage: verge-test-broker resolve NAME".to_string()),
         },
         Some(other) => Err(format!(
-            "unknown command {other:?} (commands: serve, env, get URL, resolve NAME)"
+            "unknown command {other:?} (commands: serve, env, get URL, resolve NAME, cat PATH)"
         )),
     };
     match result {
