@@ -1004,3 +1004,258 @@ async fn two_replicas_one_leader_and_failover() -> Result<()> {
     .await;
     explain(result, &[&a, &b])
 }
+
+/// The node agent (`verge-agent run`) as a host process on node 1, serving only `ns`; killed when
+/// dropped. Its device-plugin sockets go to node 1's real kubelet directory.
+struct AgentProcess {
+    _child: tokio::process::Child,
+    availability: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    async fn start(c: &Cluster, ns: &str) -> Result<Self> {
+        let bin = controller_bin()?.with_file_name("verge-agent");
+        ensure!(
+            bin.exists(),
+            "{} not found: build it with `cargo build -p verge-agent` (`cluster images` does)",
+            bin.display()
+        );
+        let dir = std::env::temp_dir().join(format!("verge-e2e-agent-{ns}"));
+        std::fs::create_dir_all(dir.join("handlers"))?;
+        let availability = dir.join("availability.txt");
+        std::fs::write(&availability, "ONLINE")?;
+        let log = dir.join("agent.log");
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = tokio::process::Command::new(bin)
+            .arg("run")
+            .env("KUBECONFIG", c.kubeconfig())
+            .env("NODE_NAME", NODE)
+            .env("WATCH_NAMESPACE", ns)
+            .env("DISCOVERY_HANDLERS_DIRECTORY", dir.join("handlers"))
+            .env("METRICS_ADDRESS", format!("127.0.0.1:{}", free_port()?))
+            .env("DEBUG_ECHO_AVAILABILITY_FILE", &availability)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting verge-agent")?;
+        Ok(Self {
+            _child: child,
+            availability,
+            log,
+        })
+    }
+
+    fn set_available(&self, online: bool) -> Result<()> {
+        std::fs::write(
+            &self.availability,
+            if online { "ONLINE" } else { "OFFLINE" },
+        )?;
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+fn echo_configuration(
+    name: &str,
+    availability: &std::path::Path,
+    port: u16,
+    extra: Option<&str>,
+) -> Value {
+    let mut cfg = configuration(
+        name,
+        1,
+        json!({"brokerPodSpec": broker_pod_spec("agent")}),
+        Some(port),
+    );
+    cfg["metadata"]["annotations"] = json!({"akri.sh/device-grace-period": "0s"});
+    cfg["spec"]["discoveryHandler"]["discoveryDetails"] = json!(format!(
+        "descriptions: [foo0]\navailabilityFile: {}",
+        availability.display()
+    ));
+    if let Some(extra) = extra {
+        cfg["spec"]["brokerProperties"] = json!({"VERGE_EXTRA": extra});
+    }
+    cfg
+}
+
+/// The one Instance of the namespace, once it exists.
+async fn wait_instance(c: &Cluster, ns: &str) -> Result<String> {
+    wait_until("the agent's Instance", Duration::from_secs(90), || async {
+        let items = instances(c, ns).list(&ListParams::default()).await?.items;
+        Ok(items
+            .into_iter()
+            .find(|i| i.metadata.deletion_timestamp.is_none())
+            .and_then(|i| i.metadata.name))
+    })
+    .await
+}
+
+/// The Ready broker Pod of `instance` whose log shows `env_line`.
+async fn wait_ready_broker_with(
+    c: &Cluster,
+    ns: &str,
+    instance: &str,
+    env_line: &str,
+) -> Result<String> {
+    wait_until(
+        &format!("Ready broker of {instance} with {env_line}"),
+        Duration::from_secs(120),
+        || async {
+            for pod in broker_pods(c, ns, instance).await? {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let ready = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                if ready && c.logs(ns, &name).await?.lines().any(|l| l == env_line) {
+                    return Ok(Some(name));
+                }
+                if !ready {
+                    return Err(anyhow!("{name}: {}", verge_e2e::pod_summary(&pod)));
+                }
+            }
+            Ok(None)
+        },
+    )
+    .await
+}
+
+async fn get_via(c: &Cluster, ns: &str, url: &str) -> Result<String> {
+    wait_until(&format!("GET {url}"), Duration::from_secs(60), || async {
+        Ok(Some(
+            c.exec(ns, "client", &["verge-test-broker", "get", url])
+                .await?,
+        ))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn with_agent_brokers_run_serve_and_follow_devices() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    let ns = c.namespace("ctl-agent").await?;
+    let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
+    let controller = ControllerProcess::start(&c, &ns, "solo", &[]).await?;
+    let agent = AgentProcess::start(&c, &ns).await?;
+    let result = with_agent_body(&c, &ns, &agent).await;
+    if result.is_err() {
+        eprintln!("--- verge-agent log tail:\n{}", agent.log_tail());
+    }
+    explain(result, &[&controller])
+}
+
+async fn with_agent_body(c: &Cluster, ns: &str, agent: &AgentProcess) -> Result<()> {
+    // kubelet resource names are per node, not per namespace: a unique Configuration name.
+    let suffix: String = ns.chars().rev().take(6).collect();
+    let cfg = format!("echo{suffix}");
+    let t = Instant::now();
+    c.create_pod(
+        ns,
+        verge_e2e::broker_pod("client", json!({"app": "client"}), Some(NODE)),
+    )
+    .await?;
+    apply_configuration(
+        c,
+        ns,
+        &echo_configuration(&cfg, &agent.availability, 80, None),
+    )
+    .await?;
+    let instance = wait_instance(c, ns).await?;
+    report_time("agent created the Instance", t);
+    let broker = wait_ready_broker_with(c, ns, &instance, "DEBUG_ECHO_DESCRIPTION=foo0").await?;
+    report_time(
+        "broker Running+Ready with DEBUG_ECHO_DESCRIPTION from the device plugin",
+        t,
+    );
+    ensure!(
+        broker == format!("{NODE}-{instance}-pod"),
+        "broker name {broker}"
+    );
+    c.wait_pod_ready(ns, "client", Duration::from_secs(90))
+        .await?;
+    for svc in [format!("{instance}-svc"), format!("{cfg}-svc")] {
+        let body = get_via(c, ns, &format!("http://{svc}/env/DEBUG_ECHO_DESCRIPTION")).await?;
+        ensure!(body.trim() == "foo0", "{svc} answered {body:?}");
+    }
+    report_time(
+        "instance and configuration Services answer HTTP from another pod",
+        t,
+    );
+    let status = wait_until("Configuration Ready", ACT, || async {
+        let obj = configurations(c, ns).get(&cfg).await?;
+        let ready = condition(&obj, "Ready").cloned().unwrap_or_default();
+        Ok((ready["status"] == "True" && obj.data["status"]["brokers"] == 1).then_some(obj))
+    })
+    .await?;
+    ensure!(status.data["status"]["instances"] == 1);
+    println!("{}", c.kubectl(&["get", "akric,akrii", "-n", ns]).await?);
+
+    // Devices OFFLINE: Instance, broker and Services go. ONLINE: they come back.
+    let t = Instant::now();
+    agent.set_available(false)?;
+    let services = Api::<Service>::namespaced(c.client(), ns);
+    wait_until(
+        "everything gone while OFFLINE",
+        Duration::from_secs(90),
+        || async {
+            let insts = instances(c, ns)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .len();
+            let pods = broker_pods(c, ns, &instance).await?.len();
+            let svcs = services.list(&ListParams::default()).await?.items.len();
+            if insts == 0 && pods == 0 && svcs == 0 {
+                Ok(Some(()))
+            } else {
+                Err(anyhow!(
+                    "left: instances={insts} brokers={pods} services={svcs}"
+                ))
+            }
+        },
+    )
+    .await?;
+    report_time("OFFLINE: Instance, brokers and Services gone", t);
+    let t = Instant::now();
+    agent.set_available(true)?;
+    let back = wait_instance(c, ns).await?;
+    ensure!(back == instance, "the same device got another name: {back}");
+    wait_ready_broker_with(c, ns, &instance, "DEBUG_ECHO_DESCRIPTION=foo0").await?;
+    get_via(
+        c,
+        ns,
+        &format!("http://{instance}-svc/env/DEBUG_ECHO_DESCRIPTION"),
+    )
+    .await?;
+    report_time("ONLINE: broker and Services back", t);
+
+    // New properties reach the device's Instance; the broker is replaced and sees them.
+    let t = Instant::now();
+    apply_configuration(
+        c,
+        ns,
+        &echo_configuration(&cfg, &agent.availability, 80, Some("two")),
+    )
+    .await?;
+    wait_ready_broker_with(c, ns, &instance, "VERGE_EXTRA=two").await?;
+    wait_event(c, ns, "InstancePropertiesChanged").await?;
+    report_time(
+        "Instance property change: broker replaced with the new env",
+        t,
+    );
+    Ok(())
+}
