@@ -546,3 +546,73 @@ async fn nodes_have_their_own_host_paths() -> Result<()> {
     report_time("per-node /var/lib/kubelet and /var/lib/akri", t);
     Ok(())
 }
+
+#[tokio::test]
+async fn host_network_pods_reach_services_and_dns() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    let t = Instant::now();
+    let nodes = c.node_names().await?;
+    let ns = c.namespace("hostnet").await?;
+    let ns = ns.name().to_string();
+    c.create_pod(
+        &ns,
+        broker_pod("target", serde_json::json!({"app": "target"}), None),
+    )
+    .await?;
+    create_service(&c, &ns, broker_service("target", "target")).await?;
+    // One host-network pod per node (as the agent runs), on a port nothing else uses.
+    for (i, node) in nodes.iter().enumerate() {
+        let mut pod = broker_pod(
+            &format!("hostnet-{i}"),
+            serde_json::json!({"app": "hostnet"}),
+            Some(node),
+        );
+        pod["spec"]["hostNetwork"] = serde_json::json!(true);
+        pod["spec"]["dnsPolicy"] = serde_json::json!("ClusterFirstWithHostNet");
+        let port = 28080 + i as u16;
+        pod["spec"]["containers"][0]["env"][0]["value"] = serde_json::json!(port.to_string());
+        pod["spec"]["containers"][0]["ports"] = serde_json::json!([{"containerPort": port}]);
+        pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = serde_json::json!(port);
+        c.create_pod(&ns, pod).await?;
+    }
+    c.wait_pod_ready(&ns, "target", POD_TIMEOUT).await?;
+    for (i, node) in nodes.iter().enumerate() {
+        let pod = format!("hostnet-{i}");
+        c.wait_pod_ready(&ns, &pod, POD_TIMEOUT).await?;
+        // The API server through the `kubernetes` Service (DNAT in OUTPUT, routed to verge-br0).
+        let out = c
+            .exec(&ns, &pod, &["verge-test-broker", "tcp", "10.203.0.1:443"])
+            .await?;
+        ensure!(out.starts_with("connected"), "{pod} on {node}: {out}");
+        let out = c
+            .exec(
+                &ns,
+                &pod,
+                &[
+                    "verge-test-broker",
+                    "resolve",
+                    "kubernetes.default.svc.cluster.local",
+                ],
+            )
+            .await?;
+        ensure!(
+            out.trim() == "10.203.0.1",
+            "{pod} on {node} resolved {out:?}"
+        );
+        let body = get_from_pod(
+            &c,
+            &ns,
+            &pod,
+            &format!("http://target.{ns}.svc.cluster.local/env/VERGE_TEST_MARKER"),
+        )
+        .await?;
+        ensure!(body.trim() == "target", "{pod} on {node} got {body:?}");
+    }
+    report_time(
+        &format!("host-network pods on {nodes:?} reach the API Service, DNS and a ClusterIP"),
+        t,
+    );
+    Ok(())
+}

@@ -1014,28 +1014,38 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    async fn start(c: &Cluster, ns: &str) -> Result<Self> {
+    /// Starts the agent of `node` (node 1 on the host, other nodes through `cluster node-exec`,
+    /// in their mount and network namespaces). `availability` is the debugEcho switch file.
+    async fn start(c: &Cluster, ns: &str, node: &str, availability: &std::path::Path) -> Result<Self> {
         let bin = controller_bin()?.with_file_name("verge-agent");
         ensure!(
             bin.exists(),
             "{} not found: build it with `cargo build -p verge-agent` (`cluster images` does)",
             bin.display()
         );
-        let dir = std::env::temp_dir().join(format!("verge-e2e-agent-{ns}"));
+        let dir = std::env::temp_dir().join(format!("verge-e2e-agent-{ns}-{node}"));
         std::fs::create_dir_all(dir.join("handlers"))?;
-        let availability = dir.join("availability.txt");
-        std::fs::write(&availability, "ONLINE")?;
+        if !availability.exists() {
+            std::fs::write(availability, "ONLINE")?;
+        }
         let log = dir.join("agent.log");
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
-        let child = tokio::process::Command::new(bin)
+        let mut command = if node == NODE {
+            tokio::process::Command::new(&bin)
+        } else {
+            let mut cmd = tokio::process::Command::new(verge_e2e::cluster_script());
+            cmd.args(["node-exec", node]).arg(&bin);
+            cmd
+        };
+        let child = command
             .arg("run")
             .env("KUBECONFIG", c.kubeconfig())
-            .env("NODE_NAME", NODE)
+            .env("NODE_NAME", node)
             .env("WATCH_NAMESPACE", ns)
             .env("DISCOVERY_HANDLERS_DIRECTORY", dir.join("handlers"))
             .env("METRICS_ADDRESS", format!("127.0.0.1:{}", free_port()?))
-            .env("DEBUG_ECHO_AVAILABILITY_FILE", &availability)
+            .env("DEBUG_ECHO_AVAILABILITY_FILE", availability)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -1045,9 +1055,13 @@ impl AgentProcess {
             .context("starting verge-agent")?;
         Ok(Self {
             _child: child,
-            availability,
+            availability: availability.to_path_buf(),
             log,
         })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn set_available(&self, online: bool) -> Result<()> {
@@ -1059,7 +1073,7 @@ impl AgentProcess {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -1150,7 +1164,9 @@ async fn with_agent_brokers_run_serve_and_follow_devices() -> Result<()> {
     let ns = ns.name().to_string();
     ensure_crds(&c).await?;
     let controller = ControllerProcess::start(&c, &ns, "solo", &[]).await?;
-    let agent = AgentProcess::start(&c, &ns).await?;
+    let availability = std::env::temp_dir().join(format!("verge-e2e-availability-{ns}"));
+    std::fs::write(&availability, "ONLINE")?;
+    let agent = AgentProcess::start(&c, &ns, NODE, &availability).await?;
     let result = with_agent_body(&c, &ns, &agent).await;
     if result.is_err() {
         eprintln!("--- verge-agent log tail:\n{}", agent.log_tail());

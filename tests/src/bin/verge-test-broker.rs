@@ -9,6 +9,7 @@
 //!   with the system resolver, so Service names work in a pod); prints the body; exits 1 unless 200.
 //! * `verge-test-broker resolve NAME`: prints the addresses NAME resolves to; exits 1 if none.
 //! * `verge-test-broker cat PATH`: prints a file (e.g. from a hostPath volume).
+//! * `verge-test-broker tcp HOST:PORT`: opens a TCP connection (5 s timeout), prints `connected ADDR`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -40,6 +41,10 @@ fn main() -> ExitCode {
             Some(url) => get(url).map(|body| print!("{body}")),
             None => Err("usage: verge-test-broker get URL".to_string()),
         },
+        Some("tcp") => match args.get(1) {
+            Some(target) => tcp(target),
+            None => Err("usage: verge-test-broker tcp HOST:PORT".to_string()),
+        },
         Some("cat") => match args.get(1) {
             Some(path) => std::fs::read_to_string(path)
                 .map(|text| print!("{text}"))
@@ -51,7 +56,7 @@ fn main() -> ExitCode {
             None => Err("usage: verge-test-broker resolve NAME".to_string()),
         },
         Some(other) => Err(format!(
-            "unknown command {other:?} (commands: serve, env, get URL, resolve NAME, cat PATH)"
+            "unknown command {other:?} (commands: serve, env, get URL, resolve NAME, cat PATH, tcp HOST:PORT)"
         )),
     };
     match result {
@@ -144,6 +149,17 @@ fn resolve(name: &str) -> Result<(), String> {
     for ip in ips {
         println!("{ip}");
     }
+    Ok(())
+}
+
+fn tcp(target: &str) -> Result<(), String> {
+    let addr = target
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {target}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{target} resolved to no address"))?;
+    TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    println!("connected {addr}");
     Ok(())
 }
 
