@@ -116,6 +116,11 @@ pub struct AgentConfig {
     )]
     pub debug_echo_availability_file: PathBuf,
 
+    /// Serve only Configurations (and watch only Instances) in this namespace.
+    /// Unset: every namespace. Lets several agents share a node in tests.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
     /// Disable the embedded debugEcho handler even when compiled in.
     #[arg(long, env = "DISABLE_DEBUG_ECHO", default_value_t = false)]
     pub disable_debug_echo: bool,

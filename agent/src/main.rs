@@ -163,7 +163,11 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         STATUS_INTERVAL,
         metrics.clone(),
     ));
-    tokio::spawn(watchers::watch_instances(client.clone(), state.clone()));
+    tokio::spawn(watchers::watch_instances(
+        client.clone(),
+        config.watch_namespace.clone(),
+        state.clone(),
+    ));
     tokio::spawn(
         watchers::ConfigWatcher {
             client: client.clone(),

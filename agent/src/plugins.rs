@@ -37,6 +37,10 @@ pub const KUBELET_SOCKET: &str = "kubelet.sock";
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Registrations sent to kubelet at once after it restarts.
 const REGISTER_CONCURRENCY: usize = 16;
+/// First retry delay of a failed kubelet registration (doubles, capped).
+const REGISTER_RETRY_INITIAL: Duration = Duration::from_millis(200);
+/// Largest retry delay of a failed kubelet registration.
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Answers kubelet's Allocate calls.
 pub trait Allocator: Send + Sync + 'static {
@@ -151,6 +155,9 @@ pub struct PluginManager {
     allocator: Arc<dyn Allocator>,
     metrics: Arc<Metrics>,
     servers: HashMap<String, Server>,
+    /// Resources whose registration failed and is retried.
+    unregistered: std::collections::BTreeSet<String>,
+    retry_attempts: u32,
 }
 
 impl PluginManager {
@@ -161,6 +168,8 @@ impl PluginManager {
             allocator,
             metrics,
             servers: HashMap::new(),
+            unregistered: Default::default(),
+            retry_attempts: 0,
         }
     }
 
@@ -175,7 +184,21 @@ impl PluginManager {
             }
         };
         loop {
+            let retry = (!self.unregistered.is_empty()).then(|| {
+                crate::instances::backoff(REGISTER_RETRY_INITIAL, REGISTER_RETRY_MAX, self.retry_attempts.max(1))
+            });
             tokio::select! {
+                _ = async { match retry { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {
+                    self.retry_attempts = self.retry_attempts.saturating_add(1);
+                    let pending: Vec<String> = std::mem::take(&mut self.unregistered)
+                        .into_iter()
+                        .filter(|r| self.servers.contains_key(r))
+                        .collect();
+                    self.register_all(pending).await;
+                    if self.unregistered.is_empty() {
+                        self.retry_attempts = 0;
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     None => break,
                     Some(PluginCommand::Ensure { resource, devices }) => {
@@ -188,6 +211,8 @@ impl PluginManager {
                     // Coalesce a burst of events (kubelet deletes every socket at start).
                     while kubelet_rx.try_recv().is_ok() {}
                     tracing::info!("kubelet restarted: recreating and registering {} device plugins", self.servers.len());
+                    self.unregistered.clear();
+                    self.retry_attempts = 0;
                     let started = std::time::Instant::now();
                     let resources: Vec<String> = self.servers.keys().cloned().collect();
                     for r in &resources {
@@ -275,22 +300,31 @@ impl PluginManager {
         }
     }
 
-    async fn register_all(&self, resources: Vec<String>) {
+    async fn register_all(&mut self, resources: Vec<String>) {
         let kubelet = self.dir.join(KUBELET_SOCKET);
         if !kubelet.exists() {
             tracing::info!("kubelet socket not present yet; plugins register when it appears");
+            self.unregistered.extend(resources);
             return;
         }
-        futures::stream::iter(resources)
-            .for_each_concurrent(REGISTER_CONCURRENCY, |resource| {
+        let failed: Vec<String> = futures::stream::iter(resources)
+            .map(|resource| {
                 let kubelet = kubelet.clone();
                 async move {
-                    if let Err(e) = register(&kubelet, &resource).await {
-                        tracing::warn!(resource, error = %e, "kubelet registration failed");
+                    match register(&kubelet, &resource).await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            tracing::warn!(resource, error = %e, "kubelet registration failed; will retry");
+                            Some(resource)
+                        }
                     }
                 }
             })
+            .buffer_unordered(REGISTER_CONCURRENCY)
+            .filter_map(futures::future::ready)
+            .collect()
             .await;
+        self.unregistered.extend(failed);
     }
 }
 

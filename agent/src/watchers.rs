@@ -78,7 +78,10 @@ fn view_of(c: &Configuration, grace: Duration) -> ConfigView {
 impl ConfigWatcher {
     /// Runs forever.
     pub async fn run(self) {
-        let api: Api<Configuration> = Api::all(self.client.clone());
+        let api: Api<Configuration> = match &self.config.watch_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
         let mut stream = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
             .boxed();
@@ -262,8 +265,11 @@ pub fn observed_of(i: &Instance) -> ObservedInstance {
 }
 
 /// Feeds every Instance change into the state.
-pub async fn watch_instances(client: Client, state: Arc<Mutex<AgentState>>) {
-    let api: Api<Instance> = Api::all(client);
+pub async fn watch_instances(client: Client, namespace: Option<String>, state: Arc<Mutex<AgentState>>) {
+    let api: Api<Instance> = match namespace {
+        Some(ns) => Api::namespaced(client, &ns),
+        None => Api::all(client),
+    };
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
