@@ -102,8 +102,12 @@ impl ControllerProcess {
         http_get(self.http_port, path).await
     }
 
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -1016,7 +1020,12 @@ struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent of `node` (node 1 on the host, other nodes through `cluster node-exec`,
     /// in their mount and network namespaces). `availability` is the debugEcho switch file.
-    async fn start(c: &Cluster, ns: &str, node: &str, availability: &std::path::Path) -> Result<Self> {
+    async fn start(
+        c: &Cluster,
+        ns: &str,
+        node: &str,
+        availability: &std::path::Path,
+    ) -> Result<Self> {
         let bin = controller_bin()?.with_file_name("verge-agent");
         ensure!(
             bin.exists(),
@@ -1271,6 +1280,162 @@ async fn with_agent_body(c: &Cluster, ns: &str, agent: &AgentProcess) -> Result<
     wait_event(c, ns, "InstancePropertiesChanged").await?;
     report_time(
         "Instance property change: broker replaced with the new env",
+        t,
+    );
+    Ok(())
+}
+
+/// Starts node 2's kubelet again when dropped, also when the test fails midway.
+struct KubeletBack(&'static str);
+
+impl Drop for KubeletBack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(verge_e2e::cluster_script())
+            .args(["start", "kubelet", "--node", self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn instance_nodes(c: &Cluster, ns: &str, instance: &str) -> Result<Vec<String>> {
+    let obj = instances(c, ns).get(instance).await?;
+    Ok(serde_json::from_value(obj.data["spec"]["nodes"].clone()).unwrap_or_default())
+}
+
+/// Two nodes, an agent on each, one shared device: stopping node 2's kubelet removes node 2 from
+/// the Instance and deletes its broker after the node-loss delay; starting it again brings node 2
+/// back without any field-manager conflict. Needs `cluster up --nodes 2`; skips on one node.
+#[tokio::test]
+async fn with_agents_on_two_nodes_a_lost_node_leaves_and_rejoins() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    const NODE2: &str = "verge-node-2";
+    if !c.node_names().await?.iter().any(|n| n == NODE2) {
+        eprintln!(
+            "verge-e2e: SKIPPING the two-node controller test: no {NODE2} (use `cluster up --nodes 2`)"
+        );
+        return Ok(());
+    }
+    let ns = c.namespace("ctl-twonodes").await?;
+    let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
+    let controller = ControllerProcess::start(
+        &c,
+        &ns,
+        "solo",
+        &["--node-loss-delay", "5s", "--node-check-interval", "1s"],
+    )
+    .await?;
+    let availability = std::env::temp_dir().join(format!("verge-e2e-availability-{ns}"));
+    std::fs::write(&availability, "ONLINE")?;
+    let agent1 = AgentProcess::start(&c, &ns, NODE, &availability).await?;
+    let agent2 = AgentProcess::start(&c, &ns, NODE2, &availability).await?;
+    let result = two_nodes_body(&c, &ns, &availability).await;
+    if result.is_err() {
+        eprintln!("--- agent on {NODE}:\n{}", agent1.log_tail());
+        eprintln!("--- agent on {NODE2}:\n{}", agent2.log_tail());
+    }
+    let result = result.and_then(|()| {
+        for (who, text) in [
+            ("controller", controller.log_text()),
+            ("agent 1", agent1.log_text()),
+            ("agent 2", agent2.log_text()),
+        ] {
+            let conflicts: Vec<&str> = text
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().contains("conflict"))
+                .collect();
+            ensure!(
+                conflicts.is_empty(),
+                "{who} logged conflicts: {conflicts:#?}"
+            );
+        }
+        Ok(())
+    });
+    explain(result, &[&controller])
+}
+
+async fn two_nodes_body(c: &Cluster, ns: &str, availability: &std::path::Path) -> Result<()> {
+    const NODE2: &str = "verge-node-2";
+    let suffix: String = ns.chars().rev().take(6).collect();
+    let cfg = format!("two{suffix}");
+    let mut config = echo_configuration(&cfg, availability, 80, None);
+    config["spec"]["capacity"] = json!(2);
+    apply_configuration(c, ns, &config).await?;
+    let instance = wait_instance(c, ns).await?;
+    wait_until(
+        "both nodes in the Instance",
+        Duration::from_secs(90),
+        || async {
+            let nodes = instance_nodes(c, ns, &instance).await?;
+            Ok((nodes.len() == 2).then_some(()))
+        },
+    )
+    .await?;
+    let pods = Api::<Pod>::namespaced(c.client(), ns);
+    let node2_broker = format!("{NODE2}-{instance}-pod");
+    c.wait_pod_ready(
+        ns,
+        &format!("{NODE}-{instance}-pod"),
+        Duration::from_secs(120),
+    )
+    .await?;
+    c.wait_pod_ready(ns, &node2_broker, Duration::from_secs(120))
+        .await?;
+
+    let t = Instant::now();
+    verge_e2e::cluster_cmd(&["stop", "kubelet", "--node", NODE2]).await?;
+    let kubelet = KubeletBack(NODE2);
+    wait_until(
+        "node 2 out of the Instance and its broker gone",
+        Duration::from_secs(240),
+        || async {
+            let nodes = instance_nodes(c, ns, &instance).await?;
+            let broker = pods.get_opt(&node2_broker).await?;
+            if nodes == vec![NODE.to_string()] && broker.is_none() {
+                Ok(Some(()))
+            } else {
+                Err(anyhow!(
+                    "nodes {nodes:?}, node-2 broker present: {}",
+                    broker.is_some()
+                ))
+            }
+        },
+    )
+    .await?;
+    report_time(
+        "kubelet stopped: node left the Instance, broker gone (node-loss delay 5s)",
+        t,
+    );
+    // The broker on node 1 is untouched.
+    c.wait_pod_ready(
+        ns,
+        &format!("{NODE}-{instance}-pod"),
+        Duration::from_secs(10),
+    )
+    .await?;
+
+    let t = Instant::now();
+    drop(kubelet);
+    wait_until("node 2 Ready again", Duration::from_secs(120), || async {
+        Ok(c.node_ready(NODE2).await?.then_some(()))
+    })
+    .await?;
+    wait_until(
+        "node 2 back in the Instance",
+        Duration::from_secs(120),
+        || async {
+            let nodes = instance_nodes(c, ns, &instance).await?;
+            Ok((nodes.len() == 2).then_some(()))
+        },
+    )
+    .await?;
+    c.wait_pod_ready(ns, &node2_broker, Duration::from_secs(120))
+        .await?;
+    report_time(
+        "kubelet started: node rejoined and its broker runs again",
         t,
     );
     Ok(())

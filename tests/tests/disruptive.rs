@@ -73,11 +73,11 @@ async fn apiserver_restart_recovers() -> Result<()> {
     };
     let _serial = serial().await;
     let t = Instant::now();
-    cluster_cmd(&["stop", "kube-apiserver"]).await?;
+    cluster_cmd(&["stop", "kube-apiserver", "--kill"]).await?;
     let down = c.node_names().await;
     ensure!(
         down.is_err(),
-        "the API server still answered after `cluster stop kube-apiserver`"
+        "the API server still answered after `cluster stop kube-apiserver --kill`"
     );
     cluster_cmd(&["start", "kube-apiserver"]).await?;
     // A new client: the old one's connections died with the server.
