@@ -17,6 +17,8 @@
 //! Tests that stop or restart cluster components belong in the `disruptive` test binary and must
 //! hold [`serial`] while they run.
 
+pub mod agent;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1440,3 +1440,134 @@ async fn two_nodes_body(c: &Cluster, ns: &str, availability: &std::path::Path) -
     );
     Ok(())
 }
+
+/// The next live Pod named `name` with a UID other than `uid`, and when it was first seen.
+async fn wait_replacement(c: &Cluster, ns: &str, name: &str, uid: &str) -> Result<(Pod, Instant)> {
+    let pod = wait_broker(c, ns, name, Some(uid)).await?;
+    Ok((pod, Instant::now()))
+}
+
+/// Waits until Pod `name` with `uid` reports phase Failed; returns when that was seen.
+async fn wait_failed(c: &Cluster, ns: &str, name: &str, uid: &str) -> Result<Instant> {
+    let api = Api::<Pod>::namespaced(c.client(), ns);
+    wait_until(&format!("{name} Failed"), ACT, || async {
+        let Some(pod) = api.get_opt(name).await? else {
+            return Err(anyhow!("{name} vanished before failing"));
+        };
+        let failed = pod.metadata.uid.as_deref() == Some(uid)
+            && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed");
+        Ok(failed.then(Instant::now))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn failed_and_stuck_brokers_are_replaced() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    let ns = c.namespace("ctl-replace").await?;
+    let ns = ns.name().to_string();
+    ensure_crds(&c).await?;
+    let controller = ControllerProcess::start(
+        &c,
+        &ns,
+        "solo",
+        &[
+            "--failed-backoff-initial",
+            "2s",
+            "--failed-backoff-max",
+            "30s",
+            "--pending-timeout",
+            "4s",
+        ],
+    )
+    .await?;
+    let result = replace_body(&c, &ns).await;
+    explain(result, &[&controller])
+}
+
+async fn replace_body(c: &Cluster, ns: &str) -> Result<()> {
+    // A broker that exits at once (no device resource, so it runs without an agent).
+    let crashing = json!({"brokerPodSpec": {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": "broker",
+            "image": BROKER_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["verge-test-broker", "no-such-command"],
+        }],
+    }});
+    let uid = apply_configuration(c, ns, &configuration("crash", 1, crashing, None)).await?;
+    agent_apply(
+        c,
+        ns,
+        "crash-eeeeee",
+        "crash",
+        &uid,
+        NODE,
+        1,
+        &BTreeMap::new(),
+        &[],
+    )
+    .await?;
+    let name = format!("{NODE}-crash-eeeeee-pod");
+    let first = wait_broker(c, ns, &name, None).await?;
+    let mut uid = first.metadata.uid.clone().unwrap_or_default();
+    let mut gaps = Vec::new();
+    for _ in 0..2 {
+        let failed_at = wait_failed(c, ns, &name, &uid).await?;
+        let (next, seen) = wait_replacement(c, ns, &name, &uid).await?;
+        gaps.push(seen.duration_since(failed_at));
+        uid = next.metadata.uid.clone().unwrap_or_default();
+    }
+    println!("failed broker replaced after {gaps:?} (backoff 2s, doubling)");
+    ensure!(
+        gaps[0] >= Duration::from_millis(1500),
+        "first replacement too soon: {gaps:?}"
+    );
+    ensure!(
+        gaps[1] >= Duration::from_millis(3500),
+        "backoff did not grow: {gaps:?}"
+    );
+    wait_event(c, ns, "BrokerEnded").await?;
+    let inst = instances(c, ns).get("crash-eeeeee").await?;
+    let cond = condition(&inst, "BrokersReady")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(cond["status"] == "False", "{cond}");
+
+    // A broker that cannot be scheduled (no agent advertises its device) is replaced after the
+    // pending timeout.
+    let uid = apply_configuration(
+        c,
+        ns,
+        &configuration(
+            "stuck",
+            1,
+            json!({"brokerPodSpec": broker_pod_spec("s")}),
+            None,
+        ),
+    )
+    .await?;
+    agent_apply(
+        c,
+        ns,
+        "stuck-ffffff",
+        "stuck",
+        &uid,
+        NODE,
+        1,
+        &BTreeMap::new(),
+        &[],
+    )
+    .await?;
+    let name = format!("{NODE}-stuck-ffffff-pod");
+    let t = Instant::now();
+    let pending = wait_broker(c, ns, &name, None).await?;
+    wait_broker(c, ns, &name, pending.metadata.uid.as_deref()).await?;
+    report_time("Pending broker replaced (pending timeout 4s)", t);
+    wait_event(c, ns, "BrokerPendingTooLong").await?;
+    Ok(())
+}
