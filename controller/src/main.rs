@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -109,9 +109,52 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
     let mut shutdown = std::pin::pin!(shutdown_signal());
-
-    info!(
+    let shared = Shared {
+        client,
+        args,
         identity,
+        metrics,
+        health,
+    };
+    loop {
+        if !stand_by(&shared, &mut elector, shutdown.as_mut()).await {
+            return Ok(());
+        }
+        match lead(&shared, &mut elector, shutdown.as_mut()).await {
+            Term::Shutdown => return Ok(()),
+            Term::Fatal(e) => return Err(e),
+            // Back to standby: the controllers are stopped, a new term starts them afresh.
+            Term::Lost(reason) => error!("{reason}; stopped the controllers, standing by"),
+        }
+    }
+}
+
+/// What `run` hands to each leadership term.
+struct Shared {
+    client: Client,
+    args: Args,
+    identity: String,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// How a leadership term ended.
+enum Term {
+    /// SIGTERM or Ctrl-C.
+    Shutdown,
+    /// The Lease is gone (taken, or not renewable in time).
+    Lost(String),
+    /// The controllers stopped by themselves.
+    Fatal(anyhow::Error),
+}
+
+type Shutdown<'a> = std::pin::Pin<&'a mut (dyn std::future::Future<Output = ()> + Send)>;
+
+/// Waits until this replica holds the Lease. Returns false on shutdown.
+async fn stand_by(shared: &Shared, elector: &mut Elector, mut shutdown: Shutdown<'_>) -> bool {
+    let args = &shared.args;
+    info!(
+        identity = shared.identity,
         lease = args.lease_name,
         namespace = args.lease_namespace,
         "waiting to become leader"
@@ -119,77 +162,85 @@ async fn run(args: Args) -> anyhow::Result<()> {
     loop {
         let round = tokio::time::timeout(args.lease_renew_deadline, elector.try_acquire_or_renew());
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => return false,
             result = round => match result {
-                Ok(Ok(true)) => break,
-                Ok(Ok(false)) => health.set_api_reachable(true),
+                Ok(Ok(true)) => return true,
+                Ok(Ok(false)) => shared.health.set_api_reachable(true),
                 Ok(Err(e)) => {
-                    health.set_api_reachable(false);
+                    shared.health.set_api_reachable(false);
                     warn!(error = %e, "Lease round failed");
                 }
                 Err(_) => {
-                    health.set_api_reachable(false);
+                    shared.health.set_api_reachable(false);
                     warn!("Lease round timed out");
                 }
             },
         }
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => return false,
             _ = tokio::time::sleep(args.lease_retry_period) => {}
         }
     }
-    health.set_api_reachable(true);
-    metrics.leader.set(1);
-    info!(identity, "became leader; starting controllers");
+}
 
+/// Runs the controllers while the Lease is renewed.
+async fn lead(shared: &Shared, elector: &mut Elector, mut shutdown: Shutdown<'_>) -> Term {
+    let args = &shared.args;
+    shared.health.set_api_reachable(true);
+    shared.metrics.leader.set(1);
+    info!(
+        identity = shared.identity,
+        "became leader; starting controllers"
+    );
     let mut controllers = tokio::spawn(run_controllers(
-        client.clone(),
+        shared.client.clone(),
         args.clone(),
-        identity.clone(),
-        metrics.clone(),
+        shared.identity.clone(),
+        shared.metrics.clone(),
     ));
     let mut last_renewal = Instant::now();
-    loop {
+    let term = loop {
         tokio::select! {
             _ = &mut shutdown => {
                 controllers.abort();
-                metrics.leader.set(0);
+                shared.metrics.leader.set(0);
                 if let Err(e) = elector.release().await {
                     warn!(error = %e, "could not release the Lease; a standby takes over when it expires");
                 }
-                return Ok(());
+                return Term::Shutdown;
             }
             result = &mut controllers => {
-                metrics.leader.set(0);
-                bail!("controllers stopped unexpectedly: {result:?}");
+                shared.metrics.leader.set(0);
+                return Term::Fatal(anyhow::anyhow!("controllers stopped unexpectedly: {result:?}"));
             }
             _ = tokio::time::sleep(args.lease_retry_period) => {
                 let round = tokio::time::timeout(args.lease_renew_deadline, elector.try_acquire_or_renew()).await;
                 match round {
                     Ok(Ok(true)) => {
                         last_renewal = Instant::now();
-                        health.set_api_reachable(true);
+                        shared.health.set_api_reachable(true);
                     }
-                    Ok(Ok(false)) => {
-                        metrics.leader.set(0);
-                        bail!("another replica holds the leader Lease; exiting so that only one acts");
-                    }
+                    Ok(Ok(false)) => break Term::Lost("another replica holds the leader Lease".into()),
                     Ok(Err(_)) | Err(_) => {
-                        health.set_api_reachable(false);
+                        shared.health.set_api_reachable(false);
                         // Stop before the Lease can expire, so a standby never acts alongside us.
                         if last_renewal.elapsed() >= args.lease_renew_deadline {
-                            metrics.leader.set(0);
-                            bail!(
-                                "could not renew the leader Lease for {:?}; exiting so that only one replica acts",
+                            break Term::Lost(format!(
+                                "could not renew the leader Lease for {:?}",
                                 args.lease_renew_deadline
-                            );
+                            ));
                         }
                         warn!("Lease renewal failed; retrying");
                     }
                 }
             }
         }
-    }
+    };
+    controllers.abort();
+    // Wait for the abort to land so nothing of this term still writes when the next begins.
+    let _ = controllers.await;
+    shared.metrics.leader.set(0);
+    term
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
