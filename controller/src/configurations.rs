@@ -29,7 +29,7 @@ use crate::error::{Error, api_message, is_not_found, is_refusal};
 use crate::instances::{object_key, rfc3339_now};
 use crate::metrics::NodePhase;
 use crate::services::{configuration_service, instance_service, is_ours};
-use crate::status::{BrokerTally, ConfigurationFacts, configuration_status};
+use crate::status::{BrokerTally, ConfigurationFacts, agent_problem, configuration_status};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "configuration";
@@ -169,6 +169,10 @@ async fn reconcile_inner(configuration: &Configuration, ctx: &Context) -> Result
             .status
             .as_ref()
             .is_some_and(|s| !s.nodes.is_empty()),
+        agent_problem: configuration
+            .status
+            .as_ref()
+            .and_then(|s| agent_problem(&s.nodes)),
     };
     let update = configuration_status(configuration.status.as_ref(), &facts, &rfc3339_now());
     if update.changed {

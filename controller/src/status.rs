@@ -3,7 +3,7 @@
 //! written only when [`StatusUpdate::changed`] says something differs.
 
 use verge_crds::status::{condition_status, set_condition};
-use verge_crds::{Condition, ConfigurationStatus, InstanceStatus};
+use verge_crds::{Condition, ConfigurationStatus, InstanceStatus, NodeDiscoveryStatus};
 
 /// Condition on Instances: are this device's brokers up?
 pub const BROKERS_READY: &str = "BrokersReady";
@@ -128,6 +128,48 @@ pub struct ConfigurationFacts {
     pub spec_problems: Vec<String>,
     /// Whether any agent has reported on this Configuration (`status.nodes`).
     pub agents_reported: bool,
+    /// A problem the agents report (reason, message), from [`agent_problem`].
+    pub agent_problem: Option<(String, String)>,
+}
+
+/// Agent node condition: names collide (across namespaces, or device hashes).
+const NAME_CONFLICT: &str = "NameConflict";
+/// Agent node condition: discovery runs and the handler answers.
+const DISCOVERING: &str = "Discovering";
+
+/// The problem the agents' `status.nodes` entries report, if any: a name conflict on any node,
+/// or discovery failing on every node that reported (a handler present on only some nodes is
+/// normal, so one node failing is not a problem of the Configuration).
+pub fn agent_problem(nodes: &[NodeDiscoveryStatus]) -> Option<(String, String)> {
+    let condition =
+        |n: &NodeDiscoveryStatus, t: &str| n.conditions.iter().find(|c| c.type_ == t).cloned();
+    if let Some((node, c)) = nodes.iter().find_map(|n| {
+        condition(n, NAME_CONFLICT)
+            .filter(|c| c.status == condition_status::TRUE)
+            .map(|c| (n.node.clone(), c))
+    }) {
+        return Some((
+            NAME_CONFLICT.to_string(),
+            format!("node {node}: {}", c.message),
+        ));
+    }
+    let failing: Vec<(String, Condition)> = nodes
+        .iter()
+        .filter_map(|n| {
+            condition(n, DISCOVERING)
+                .filter(|c| c.status == condition_status::FALSE)
+                .map(|c| (n.node.clone(), c))
+        })
+        .collect();
+    if !nodes.is_empty() && failing.len() == nodes.len() {
+        let message = failing
+            .iter()
+            .map(|(node, c)| format!("node {node}: {}: {}", c.reason, c.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Some(("DiscoveryFailed".to_string(), message));
+    }
+    None
 }
 
 /// The controller-owned part of a Configuration's status (never `nodes`, which agents own).
@@ -167,13 +209,15 @@ pub fn configuration_status(
     let ready_condition = if !facts.spec_problems.is_empty() {
         (
             condition_status::FALSE,
-            "InvalidSpec",
+            "InvalidSpec".to_string(),
             facts.spec_problems.join("; "),
         )
+    } else if let Some((reason, message)) = facts.agent_problem.clone() {
+        (condition_status::FALSE, reason, message)
     } else if degraded {
         (
             condition_status::FALSE,
-            "BrokersDegraded",
+            "BrokersDegraded".to_string(),
             format!(
                 "{} of {} brokers ready on {} devices",
                 tally.ready, tally.wanted, facts.instances
@@ -182,19 +226,19 @@ pub fn configuration_status(
     } else if facts.instances == 0 && !facts.agents_reported {
         (
             condition_status::UNKNOWN,
-            "WaitingForAgents",
+            "WaitingForAgents".to_string(),
             "no agent has reported discovery for this Configuration yet".to_string(),
         )
     } else if facts.instances == 0 {
         (
             condition_status::TRUE,
-            "NoDevices",
+            "NoDevices".to_string(),
             "discovery runs; no device found".to_string(),
         )
     } else {
         (
             condition_status::TRUE,
-            "Ready",
+            "Ready".to_string(),
             format!(
                 "{} devices, {} brokers running",
                 facts.instances, tally.running
@@ -204,6 +248,8 @@ pub fn configuration_status(
 
     let mut conditions = current.map(|s| s.conditions.clone()).unwrap_or_default();
     let mut changed = false;
+    let (status, reason, message) = degraded_condition;
+    let degraded_condition = (status, reason.to_string(), message);
     for (type_, (status, reason, message)) in [
         (READY, ready_condition),
         (BROKERS_DEGRADED, degraded_condition),
@@ -317,6 +363,32 @@ mod tests {
         );
     }
 
+    fn node(name: &str, conditions: &[(&str, &str)]) -> NodeDiscoveryStatus {
+        NodeDiscoveryStatus {
+            node: name.into(),
+            conditions: conditions
+                .iter()
+                .map(|(t, s)| Condition::new(*t, *s, "R", "m", "t"))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn agent_problems_are_a_conflict_anywhere_or_discovery_failing_everywhere() {
+        assert_eq!(agent_problem(&[]), None);
+        let ok = node("n1", &[("Discovering", "True")]);
+        let failing = node("n2", &[("Discovering", "False")]);
+        assert_eq!(agent_problem(&[ok.clone(), failing.clone()]), None);
+        let (reason, message) = agent_problem(std::slice::from_ref(&failing)).unwrap();
+        assert_eq!(
+            (reason.as_str(), message.as_str()),
+            ("DiscoveryFailed", "node n2: R: m")
+        );
+        let conflict = node("n3", &[("Discovering", "True"), ("NameConflict", "True")]);
+        assert_eq!(agent_problem(&[ok, conflict]).unwrap().0, "NameConflict");
+    }
+
     #[test]
     fn configuration_conditions_tell_what_is_happening() {
         let mut facts = ConfigurationFacts {
@@ -372,6 +444,13 @@ mod tests {
             (ready.reason.as_str(), ready.message.as_str()),
             ("InvalidSpec", "brokerPodSpec: image required")
         );
+
+        // Agents' problems show on Ready.
+        facts.spec_problems.clear();
+        facts.agent_problem = Some(("NameConflict".into(), "node n1: taken".into()));
+        let s = configuration_status(Some(&s), &facts, "t5").status;
+        assert_eq!(condition(&s.conditions, READY).reason, "NameConflict");
+        facts.agent_problem = None;
 
         // A new generation alone is a change.
         let mut newer = facts.clone();
