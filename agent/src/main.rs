@@ -88,6 +88,7 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::new();
     let registry = Registry::new(metrics.clone());
+    allow_pod_networks(&client, &config.node_name, &registry).await;
     add_embedded_handlers(&registry, &config);
 
     let (plugin_tx, plugin_rx) = mpsc::unbounded_channel();
@@ -207,6 +208,35 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// Plain-http handler endpoints are accepted only on this node's pod network.
+async fn allow_pod_networks(client: &kube::Client, node: &str, registry: &Registry) {
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    match nodes.get_opt(node).await {
+        Ok(Some(n)) => {
+            let cidrs: Vec<ipnet::IpNet> = n
+                .spec
+                .into_iter()
+                .flat_map(|s| {
+                    s.pod_cidrs
+                        .unwrap_or_default()
+                        .into_iter()
+                        .chain(s.pod_cidr)
+                })
+                .filter_map(|c| c.parse().ok())
+                .collect();
+            tracing::info!(
+                ?cidrs,
+                "plain-http handler endpoints accepted on the node's pod network"
+            );
+            registry.allow_plain_networks(cidrs);
+        }
+        Ok(None) => tracing::warn!(node, "Node not found; network handler endpoints need TLS"),
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot read the Node; network handler endpoints need TLS")
+        }
+    }
 }
 
 /// Removes devices whose grace period ran out, waking exactly at the next deadline.

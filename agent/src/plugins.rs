@@ -185,7 +185,11 @@ impl PluginManager {
         };
         loop {
             let retry = (!self.unregistered.is_empty()).then(|| {
-                crate::instances::backoff(REGISTER_RETRY_INITIAL, REGISTER_RETRY_MAX, self.retry_attempts.max(1))
+                crate::instances::backoff(
+                    REGISTER_RETRY_INITIAL,
+                    REGISTER_RETRY_MAX,
+                    self.retry_attempts.max(1),
+                )
             });
             tokio::select! {
                 _ = async { match retry { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {

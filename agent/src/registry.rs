@@ -38,6 +38,10 @@ pub struct HandlerInstance {
 /// Registered handlers, with change notification.
 pub struct Registry {
     handlers: Mutex<HashMap<String, Vec<HandlerInstance>>>,
+    /// Networks where plain-http handler endpoints are accepted: the node's
+    /// own pod CIDRs (and loopback). Anything else must use TLS, because
+    /// Discover requests carry values read from Secrets.
+    plain_networks: Mutex<Vec<ipnet::IpNet>>,
     counter: Mutex<u64>,
     changes: watch::Sender<u64>,
     metrics: Arc<Metrics>,
@@ -55,6 +59,9 @@ pub enum RegistrationError {
     /// A network endpoint that is not http(s)://host:port.
     #[error("network endpoint {0:?} is not http(s)://<ip>:<port>")]
     BadNetworkEndpoint(String),
+    /// Plain http outside the node's pod network.
+    #[error("network endpoint {0} is outside this node's pod network ({1}); use https")]
+    PlainOutsidePodNetwork(String, String),
 }
 
 impl Registry {
@@ -63,10 +70,26 @@ impl Registry {
         let (changes, _) = watch::channel(0);
         Arc::new(Self {
             handlers: Mutex::new(HashMap::new()),
+            plain_networks: Mutex::new(vec![
+                "127.0.0.0/8"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!("valid CIDR")),
+                "::1/128"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!("valid CIDR")),
+            ]),
             counter: Mutex::new(0),
             changes,
             metrics,
         })
+    }
+
+    /// Adds networks (the node's pod CIDRs) where plain-http endpoints are accepted.
+    pub fn allow_plain_networks(&self, networks: impl IntoIterator<Item = ipnet::IpNet>) {
+        self.plain_networks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(networks);
     }
 
     /// Subscribes to changes.
@@ -136,13 +159,36 @@ impl Registry {
                 HandlerEndpoint::Uds(path)
             }
             EndpointType::Network => {
-                let ok = request
-                    .endpoint
-                    .strip_prefix("http://")
-                    .or_else(|| request.endpoint.strip_prefix("https://"))
-                    .is_some_and(|rest| rest.parse::<std::net::SocketAddr>().is_ok());
-                if !ok {
+                let (plain, rest) = match (
+                    request.endpoint.strip_prefix("http://"),
+                    request.endpoint.strip_prefix("https://"),
+                ) {
+                    (Some(rest), _) => (true, rest),
+                    (None, Some(rest)) => (false, rest),
+                    (None, None) => {
+                        return Err(RegistrationError::BadNetworkEndpoint(request.endpoint));
+                    }
+                };
+                let Ok(addr) = rest.trim_end_matches('/').parse::<std::net::SocketAddr>() else {
                     return Err(RegistrationError::BadNetworkEndpoint(request.endpoint));
+                };
+                if plain {
+                    let nets = self
+                        .plain_networks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    if !nets.iter().any(|n| n.contains(&addr.ip())) {
+                        let list = nets
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        return Err(RegistrationError::PlainOutsidePodNetwork(
+                            request.endpoint,
+                            list,
+                        ));
+                    }
                 }
                 HandlerEndpoint::Network(request.endpoint)
             }
@@ -274,6 +320,26 @@ mod tests {
             r.register(req("h", "tcp://1.2.3.4:5", EndpointType::Network), dir),
             Err(RegistrationError::BadNetworkEndpoint(_))
         ));
+        // Plain http only on the node's pod network (or loopback); TLS anywhere.
+        assert!(matches!(
+            r.register(req("h", "http://10.0.0.5:8080", EndpointType::Network), dir),
+            Err(RegistrationError::PlainOutsidePodNetwork(..))
+        ));
+        assert!(
+            r.register(
+                req("h", "https://10.0.0.5:8080", EndpointType::Network),
+                dir
+            )
+            .is_ok()
+        );
+        assert!(
+            r.register(
+                req("h", "http://127.0.0.1:8080", EndpointType::Network),
+                dir
+            )
+            .is_ok()
+        );
+        r.allow_plain_networks(["10.0.0.0/24".parse().expect("cidr")]);
         assert!(
             r.register(req("h", "http://10.0.0.5:8080", EndpointType::Network), dir)
                 .is_ok()

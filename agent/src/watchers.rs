@@ -265,7 +265,11 @@ pub fn observed_of(i: &Instance) -> ObservedInstance {
 }
 
 /// Feeds every Instance change into the state.
-pub async fn watch_instances(client: Client, namespace: Option<String>, state: Arc<Mutex<AgentState>>) {
+pub async fn watch_instances(
+    client: Client,
+    namespace: Option<String>,
+    state: Arc<Mutex<AgentState>>,
+) {
     let api: Api<Instance> = match namespace {
         Some(ns) => Api::namespaced(client, &ns),
         None => Api::all(client),

@@ -79,20 +79,26 @@ fn restarts(p: &Pod) -> i32 {
 
 #[tokio::test]
 async fn kubelet_restart_reregisters_plugins_within_seconds() -> Result<()> {
-    let Some(c) = Cluster::connect().await else { return Ok(()) };
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
     let _serial = serial().await;
     ensure_crds(&c).await?;
     let ns = c.namespace("agent-kubelet").await?;
     let dir = scratch("kubelet")?;
     let mut agent = Agent::start(NODE, ns.name(), &[]).await?;
-    c.apply_yaml(Some(ns.name()), &config_yaml("kr", "k", 2, &dir.join("a").display().to_string()))
-        .await?;
+    c.apply_yaml(
+        Some(ns.name()),
+        &config_yaml("kr", "k", 2, &dir.join("a").display().to_string()),
+    )
+    .await?;
     let inst = wait_until("an Instance", DEADLINE, || async {
         Ok(instances(&c, ns.name()).await?.into_iter().next())
     })
     .await?;
     let resource = naming::instance_resource_name(&inst.name_any());
-    c.create_pod(ns.name(), pod_json("running", NODE, &resource)).await?;
+    c.create_pod(ns.name(), pod_json("running", NODE, &resource))
+        .await?;
     let before = c.wait_pod_ready(ns.name(), "running", DEADLINE).await?;
 
     let t = Instant::now();
@@ -100,10 +106,17 @@ async fn kubelet_restart_reregisters_plugins_within_seconds() -> Result<()> {
     report_time("kubelet restart command returned", t);
     // kubelet's own view: GetAllocatableResources lists the plugin's free slot again.
     wait_until("kubelet lists the plugin again", DEADLINE, || async {
-        Ok((!kubelet_allocatable(NODE, &resource).await.unwrap_or_default().is_empty()).then_some(()))
+        Ok((!kubelet_allocatable(NODE, &resource)
+            .await
+            .unwrap_or_default()
+            .is_empty())
+        .then_some(()))
     })
     .await?;
-    report_time("kubelet restarted → plugins registered again (pod-resources)", t);
+    report_time(
+        "kubelet restarted → plugins registered again (pod-resources)",
+        t,
+    );
     ensure!(
         agent.log_text().contains("kubelet restarted"),
         "the agent did not notice the restart"
@@ -118,7 +131,9 @@ async fn kubelet_restart_reregisters_plugins_within_seconds() -> Result<()> {
     })
     .await?;
     report_time("kubelet restarted → Node shows the resource", t);
-    let after = Api::<Pod>::namespaced(c.client(), ns.name()).get("running").await?;
+    let after = Api::<Pod>::namespaced(c.client(), ns.name())
+        .get("running")
+        .await?;
     ensure!(after.uid() == before.uid(), "pod replaced");
     ensure!(restarts(&after) == 0, "pod restarted");
     agent.stop().await?;
@@ -128,15 +143,20 @@ async fn kubelet_restart_reregisters_plugins_within_seconds() -> Result<()> {
 
 #[tokio::test]
 async fn api_server_outage_keeps_kubelet_served_and_converges() -> Result<()> {
-    let Some(c) = Cluster::connect().await else { return Ok(()) };
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
     let _serial = serial().await;
     ensure_crds(&c).await?;
     let ns = c.namespace("agent-outage").await?;
     let dir = scratch("outage")?;
     let availability = dir.join("a");
     let mut agent = Agent::start(NODE, ns.name(), &[]).await?;
-    c.apply_yaml(Some(ns.name()), &config_yaml("outage", "o", 1, &availability.display().to_string()))
-        .await?;
+    c.apply_yaml(
+        Some(ns.name()),
+        &config_yaml("outage", "o", 1, &availability.display().to_string()),
+    )
+    .await?;
     let inst = wait_until("an Instance", DEADLINE, || async {
         Ok(instances(&c, ns.name()).await?.into_iter().next())
     })
@@ -153,17 +173,26 @@ async fn api_server_outage_keeps_kubelet_served_and_converges() -> Result<()> {
     ensure!(kubelet_allocatable(NODE, &resource).await?.len() == 1);
     // ...and a change happens that the agent must write later.
     set_availability(&availability, false)?;
-    wait_until("kubelet sees the device unhealthy (local, no API)", DEADLINE, || async {
-        Ok(kubelet_allocatable(NODE, &resource).await?.is_empty().then_some(()))
-    })
+    wait_until(
+        "kubelet sees the device unhealthy (local, no API)",
+        DEADLINE,
+        || async {
+            Ok(kubelet_allocatable(NODE, &resource)
+                .await?
+                .is_empty()
+                .then_some(()))
+        },
+    )
     .await?;
     let remaining = OUTAGE.saturating_sub(t.elapsed());
     tokio::time::sleep(remaining).await;
     cluster_cmd(&["start", "kube-apiserver"]).await?;
     let back = Instant::now();
-    wait_until("the Instance is removed once the API server is back", DEADLINE, || async {
-        Ok(instances(&c, ns.name()).await?.is_empty().then_some(()))
-    })
+    wait_until(
+        "the Instance is removed once the API server is back",
+        DEADLINE,
+        || async { Ok(instances(&c, ns.name()).await?.is_empty().then_some(())) },
+    )
     .await?;
     report_time("API server back → pending removal written", back);
     set_availability(&availability, true)?;
@@ -173,7 +202,10 @@ async fn api_server_outage_keeps_kubelet_served_and_converges() -> Result<()> {
     .await?;
     report_time("API server back → device back as an Instance", back);
     let status = cluster_cmd(&["status"]).await?;
-    ensure!(!status.contains("STOPPED"), "a component died during the outage:\n{status}");
+    ensure!(
+        !status.contains("STOPPED"),
+        "a component died during the outage:\n{status}"
+    );
     agent.stop().await?;
     drop(ns);
     Ok(())
@@ -181,7 +213,9 @@ async fn api_server_outage_keeps_kubelet_served_and_converges() -> Result<()> {
 
 #[tokio::test]
 async fn shared_device_on_two_nodes_holds_capacity() -> Result<()> {
-    let Some(c) = Cluster::connect().await else { return Ok(()) };
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
     let _serial = serial().await;
     if !c.node_names().await?.iter().any(|n| n == NODE2) {
         println!("[e2e] two-node test skipped: the cluster has one node (`cluster up --nodes 2`)");
@@ -193,8 +227,11 @@ async fn shared_device_on_two_nodes_holds_capacity() -> Result<()> {
     let availability = dir.join("a").display().to_string();
     let mut a1 = Agent::start(NODE, ns.name(), &[]).await?;
     let mut a2 = Agent::start(NODE2, ns.name(), &[]).await?;
-    c.apply_yaml(Some(ns.name()), &config_yaml("shared", "s", 1, &availability))
-        .await?;
+    c.apply_yaml(
+        Some(ns.name()),
+        &config_yaml("shared", "s", 1, &availability),
+    )
+    .await?;
     let t = Instant::now();
     let inst = wait_until("one Instance listing both nodes", DEADLINE, || async {
         let list = instances(&c, ns.name()).await?;
@@ -207,12 +244,17 @@ async fn shared_device_on_two_nodes_holds_capacity() -> Result<()> {
     let slot = naming::slot_id(&inst.name_any(), 0);
 
     // Node 1 takes the only slot; node 2's kubelet must stop offering it.
-    c.create_pod(ns.name(), pod_json("first", NODE, &resource)).await?;
+    c.create_pod(ns.name(), pod_json("first", NODE, &resource))
+        .await?;
     c.wait_pod_ready(ns.name(), "first", DEADLINE).await?;
     let claimed = Instant::now();
-    wait_until("node 2's kubelet stops offering the slot", DEADLINE, || async {
-        Ok((!kubelet_allocatable(NODE2, &resource).await?.contains(&slot)).then_some(()))
-    })
+    wait_until(
+        "node 2's kubelet stops offering the slot",
+        DEADLINE,
+        || async {
+            Ok((!kubelet_allocatable(NODE2, &resource).await?.contains(&slot)).then_some(()))
+        },
+    )
     .await?;
     report_time(
         "cross-node window: node 1 pod Running → node 2 kubelet sees the slot taken",
@@ -228,17 +270,22 @@ async fn shared_device_on_two_nodes_holds_capacity() -> Result<()> {
         Ok((alloc.as_deref() == Some("0")).then_some(()))
     })
     .await?;
-    c.create_pod(ns.name(), pod_json("second", NODE2, &resource)).await?;
+    c.create_pod(ns.name(), pod_json("second", NODE2, &resource))
+        .await?;
     let pods = Api::<Pod>::namespaced(c.client(), ns.name());
-    wait_until("the second pod to be judged unschedulable", DEADLINE, || async {
-        let p = pods.get("second").await?;
-        let unschedulable = p
-            .status
-            .iter()
-            .flat_map(|s| s.conditions.iter().flatten())
-            .any(|c| c.type_ == "PodScheduled" && c.status == "False");
-        Ok(unschedulable.then_some(()))
-    })
+    wait_until(
+        "the second pod to be judged unschedulable",
+        DEADLINE,
+        || async {
+            let p = pods.get("second").await?;
+            let unschedulable = p
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .any(|c| c.type_ == "PodScheduled" && c.status == "False");
+            Ok(unschedulable.then_some(()))
+        },
+    )
     .await?;
     let p = pods.get("second").await?;
     ensure!(
