@@ -1,7 +1,7 @@
 //! State shared by every reconcile: the client, settings, Event recorder, metrics and the small
 //! in-memory books (failure and error backoff, dry-run results).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -37,6 +37,9 @@ pub struct Context {
     errors: Mutex<HashMap<String, u32>>,
     /// Dry-run findings per Configuration UID, with the generation they were made for.
     validations: Mutex<HashMap<String, (i64, Vec<String>)>>,
+    /// Nodes found lost at the last node check; no broker is started on them even if an
+    /// agent that still runs there lists its node again.
+    lost_nodes: Mutex<BTreeSet<String>>,
 }
 
 impl Context {
@@ -64,6 +67,7 @@ impl Context {
             configurations,
             errors: Mutex::new(HashMap::new()),
             validations: Mutex::new(HashMap::new()),
+            lost_nodes: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -114,6 +118,19 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(uid.to_string(), (generation, problems));
+    }
+
+    /// Records the nodes the last node check found lost.
+    pub fn set_lost_nodes(&self, nodes: BTreeSet<String>) {
+        *self.lost_nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+    }
+
+    /// Whether `node` was lost at the last node check.
+    pub fn is_lost(&self, node: &str) -> bool {
+        self.lost_nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(node)
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.

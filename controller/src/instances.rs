@@ -249,8 +249,11 @@ async fn reconcile_pods(
         })
         .filter_map(|p| p.labels().get(LABEL_TARGET_NODE).cloned())
         .collect();
+    // An agent that still runs on a lost node may list it again; no broker goes there.
+    let mut usable = instance.clone();
+    usable.spec.nodes.retain(|n| !ctx.is_lost(n));
     let wanted: BTreeMap<String, String> = match pod_spec {
-        Some(_) => broker_nodes(instance, &current)
+        Some(_) => broker_nodes(&usable, &current)
             .into_iter()
             .map(|node| (broker_pod_name(&name, &node, instance.spec.shared), node))
             .collect(),

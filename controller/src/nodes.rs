@@ -123,9 +123,6 @@ async fn check(ctx: &Context, tracker: &mut NodeTracker) -> Result<(), Error> {
         .iter()
         .flat_map(|i| i.spec.nodes.iter().cloned())
         .collect();
-    if referenced.is_empty() {
-        return Ok(());
-    }
     let nodes: HashMap<String, Node> = Api::<Node>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await?
@@ -133,13 +130,18 @@ async fn check(ctx: &Context, tracker: &mut NodeTracker) -> Result<(), Error> {
         .into_iter()
         .map(|n| (n.name_any(), n))
         .collect();
-    for node in tracker.lost_nodes(
-        &referenced,
+    // Every known node is judged, not only referenced ones, so that a lost node an agent lists
+    // again gets no broker while it stays lost.
+    let candidates: BTreeSet<String> = referenced.iter().chain(nodes.keys()).cloned().collect();
+    let lost = tracker.lost_nodes(
+        &candidates,
         &nodes,
         Timestamp::now(),
         ctx.args.node_loss_delay,
-    ) {
-        remove_node(ctx, &node, &instances).await?;
+    );
+    ctx.set_lost_nodes(lost.iter().cloned().collect());
+    for node in lost.iter().filter(|n| referenced.contains(*n)) {
+        remove_node(ctx, node, &instances).await?;
     }
     Ok(())
 }
