@@ -70,15 +70,21 @@ impl ControllerProcess {
             identity,
             "--http-addr",
             &http_addr,
-            "--lease-duration",
-            "4s",
-            "--lease-renew-deadline",
-            "3s",
-            "--lease-retry-period",
-            "500ms",
             "--reconcile-debounce",
             "200ms",
         ];
+        // Lenient enough that a slow, busy API server does not cost the leadership mid-test;
+        // the failover test passes shorter ones.
+        if !extra.contains(&"--lease-duration") {
+            args.extend_from_slice(&[
+                "--lease-duration",
+                "10s",
+                "--lease-renew-deadline",
+                "8s",
+                "--lease-retry-period",
+                "1s",
+            ]);
+        }
         args.extend_from_slice(extra);
         let child = tokio::process::Command::new(controller_bin()?)
             .args(&args)
@@ -911,6 +917,16 @@ async fn invalid_broker_spec_becomes_a_condition() -> Result<()> {
     explain(result, &[&controller])
 }
 
+/// Lease settings of the failover test: a standby takes over 4s after the leader dies.
+const FAST_LEASE: &[&str] = &[
+    "--lease-duration",
+    "4s",
+    "--lease-renew-deadline",
+    "3s",
+    "--lease-retry-period",
+    "500ms",
+];
+
 async fn lease_holder(c: &Cluster, ns: &str) -> Result<Option<String>> {
     Ok(Api::<Lease>::namespaced(c.client(), ns)
         .get_opt("verge-controller")
@@ -927,7 +943,7 @@ async fn two_replicas_one_leader_and_failover() -> Result<()> {
     let ns = c.namespace("ctl-leader").await?;
     let ns = ns.name().to_string();
     ensure_crds(&c).await?;
-    let mut a = ControllerProcess::start(&c, &ns, "replica-a", &[]).await?;
+    let mut a = ControllerProcess::start(&c, &ns, "replica-a", FAST_LEASE).await?;
     // Let replica-a win first, so the test knows whom to kill.
     explain(
         wait_until("replica-a leads", ACT, || async {
@@ -936,7 +952,7 @@ async fn two_replicas_one_leader_and_failover() -> Result<()> {
         .await,
         &[&a],
     )?;
-    let b = ControllerProcess::start(&c, &ns, "replica-b", &[]).await?;
+    let b = ControllerProcess::start(&c, &ns, "replica-b", FAST_LEASE).await?;
     let result = async {
         let uid = apply_configuration(
             &c,
