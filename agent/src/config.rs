@@ -78,8 +78,9 @@ pub struct AgentConfig {
     #[arg(long, env = "API_BACKOFF_INITIAL", default_value = "200ms", value_parser = duration)]
     pub api_backoff_initial: Duration,
 
-    /// Largest retry delay of a failed API write.
-    #[arg(long, env = "API_BACKOFF_MAX", default_value = "30s", value_parser = duration)]
+    /// Largest retry delay of a failed API write. Kept short so writes
+    /// queued during an API-server outage land soon after it returns.
+    #[arg(long, env = "API_BACKOFF_MAX", default_value = "5s", value_parser = duration)]
     pub api_backoff_max: Duration,
 
     /// API writes in flight at once.

@@ -93,7 +93,9 @@ pub struct DiscoveryHandlerInfo {
 
     /// Values the agent resolves (literally, or from Secrets and ConfigMaps in the
     /// Configuration's namespace) and sends to the handler, e.g. camera credentials.
+    /// At most 256 entries (bounds the cost of the CEL rules on each entry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub discovery_properties: Option<Vec<DiscoveryProperty>>,
 }
 
@@ -103,7 +105,7 @@ pub struct DiscoveryHandlerInfo {
 #[x_kube(validation = Rule::new("!(has(self.value) && has(self.valueFrom))").message("a discovery property sets either value or valueFrom, not both"))]
 pub struct DiscoveryProperty {
     /// Property name as the handler expects it, e.g. `username_default`.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[_A-Za-z][_A-Za-z0-9]*$')").message("discovery property names start with a letter or '_' and contain only letters, digits and '_'"))]
     pub name: String,
 
