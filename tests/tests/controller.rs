@@ -624,8 +624,16 @@ async fn brokers_services_status_and_updates_body(
         Ok((broker_pods(c, ns, instance).await?.len() == 2).then_some(()))
     })
     .await?;
-    // ... and it stays at two.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once the controller has judged all three nodes (its status says two are wanted), there
+    // are still exactly two.
+    wait_until("Instance status counting 2 wanted brokers", ACT, || async {
+        let i = instances(c, ns).get(instance).await?;
+        let message = condition(&i, "BrokersReady")
+            .and_then(|c| c["message"].as_str().map(String::from))
+            .unwrap_or_default();
+        Ok(message.contains("of 2 brokers").then_some(()))
+    })
+    .await?;
     let n = broker_pods(c, ns, instance).await?.len();
     ensure!(n == 2, "capacity 2 but {n} brokers");
 
