@@ -64,13 +64,26 @@ pub fn unready_since(node: &Node) -> Option<Timestamp> {
     }
 }
 
-/// Remembers when referenced nodes were first seen missing.
-#[derive(Debug, Default)]
+/// Remembers when referenced nodes were first seen missing, and since when this leader has
+/// been watching.
+#[derive(Debug)]
 pub struct NodeTracker {
     missing_since: HashMap<String, Timestamp>,
+    /// Start of this leadership term. Nothing counts as lost for longer than the leader has
+    /// watched: after a control-plane outage every node may look unready since long ago while
+    /// kubelets are only about to report again, and acting on that would empty every Instance.
+    watching_since: Timestamp,
 }
 
 impl NodeTracker {
+    /// A tracker that starts watching at `now`.
+    pub fn new(now: Timestamp) -> Self {
+        Self {
+            missing_since: HashMap::new(),
+            watching_since: now,
+        }
+    }
+
     /// The referenced nodes that have been gone or unready for longer than `delay`.
     pub fn lost_nodes(
         &mut self,
@@ -88,7 +101,7 @@ impl NodeTracker {
                 None => Some(*self.missing_since.entry(name.clone()).or_insert(now)),
             };
             if let Some(since) = since
-                && duration_between(since, now) > delay
+                && duration_between(since.max(self.watching_since), now) > delay
             {
                 lost.push(name.clone());
             }
@@ -99,7 +112,7 @@ impl NodeTracker {
 
 /// Checks nodes every `--node-check-interval` until the process ends.
 pub async fn run(ctx: Arc<Context>) {
-    let mut tracker = NodeTracker::default();
+    let mut tracker = NodeTracker::new(Timestamp::now());
     let mut interval = tokio::time::interval(ctx.args.node_check_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -266,6 +279,29 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_lost_before_the_leader_watched_for_the_delay() {
+        let now = Timestamp::now();
+        let delay = Duration::from_secs(60);
+        let long_ago = now - SignedDuration::from_secs(3600);
+        let nodes: HashMap<String, Node> = [node("n1", "Unknown", long_ago)]
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect();
+        let referenced = BTreeSet::from(["n1".to_string()]);
+        let mut tracker = NodeTracker::new(now);
+        assert!(
+            tracker
+                .lost_nodes(&referenced, &nodes, now, delay)
+                .is_empty()
+        );
+        let later = now + SignedDuration::from_secs(61);
+        assert_eq!(
+            tracker.lost_nodes(&referenced, &nodes, later, delay),
+            vec!["n1"]
+        );
+    }
+
+    #[test]
     fn release_body_is_empty_apart_from_identity() {
         let body = release_body("cam-abc123");
         assert_eq!(
@@ -293,7 +329,7 @@ mod tests {
             .into_iter()
             .map(String::from)
             .collect();
-        let mut tracker = NodeTracker::default();
+        let mut tracker = NodeTracker::new(ago(10_000));
         assert_eq!(
             tracker.lost_nodes(&referenced, &nodes, now, delay),
             vec!["down", "notready"]
