@@ -54,6 +54,9 @@ pub enum DesiredInstance {
         shared: bool,
         /// Slots this node holds: slot id → usage value.
         usage: BTreeMap<String, String>,
+        /// When the handler first reported the device, for a new Instance
+        /// (feeds the discovery-to-Instance latency histogram once written).
+        discovered_at: Option<Instant>,
     },
     /// The device is gone from this node.
     Leave,
@@ -261,6 +264,11 @@ pub async fn run_writer(
                 p.in_flight = false;
                 match result {
                     Ok(()) => {
+                        if let DesiredInstance::Present { discovered_at: Some(t), .. } = &p.desired
+                            && p.version == written_version
+                        {
+                            metrics.discovery_to_instance.observe(t.elapsed().as_secs_f64());
+                        }
                         if let Some(bodies) = bodies_for(&key, &config.node, &p.desired)
                             && p.version == written_version {
                             applied.insert(key.clone(), bodies);
@@ -448,6 +456,7 @@ mod tests {
             broker_properties: [("K".to_string(), "V".to_string())].into(),
             shared: true,
             usage: [("conf-abc123-0".to_string(), "n1".to_string())].into(),
+            discovered_at: None,
         };
         let device = device_body(&key, &d).expect("present");
         assert!(device["spec"].get("nodes").is_none());

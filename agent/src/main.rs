@@ -7,6 +7,7 @@
 
 mod allocate;
 mod config;
+mod discover;
 mod discovery;
 mod instances;
 mod metrics;
@@ -50,6 +51,8 @@ struct Cli {
 enum Command {
     /// Run the agent on this node.
     Run(Box<AgentConfig>),
+    /// Run one discovery handler locally, without a cluster, and print its devices.
+    Discover(discover::DiscoverArgs),
 }
 
 fn init_tracing() {
@@ -73,6 +76,7 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Discover(args) => discover::run(args).await,
     }
 }
 

@@ -743,10 +743,7 @@ impl AgentState {
 
             if !d.written && d.device.is_some() && d.missing_since.is_none() {
                 d.written = true;
-                if let (Some(m), true) = (&self.metrics, d.observed.is_none()) {
-                    m.discovery_to_instance
-                        .observe(Instant::now().duration_since(d.first_seen).as_secs_f64());
-                }
+                let discovered_at = d.observed.is_none().then_some(d.first_seen);
                 let device = d.device.clone().unwrap_or_default();
                 let mut properties = view.broker_properties.clone();
                 properties.extend(device.properties.clone());
@@ -769,6 +766,7 @@ impl AgentState {
                         broker_properties: properties,
                         shared,
                         usage,
+                        discovered_at,
                     },
                 ));
             }
@@ -1295,6 +1293,41 @@ mod tests {
             Instant::now(),
         );
         assert!(h.drain().is_empty());
+    }
+
+    #[test]
+    fn two_devices_with_one_instance_name_are_reported_not_merged() {
+        // A real collision of the 3-byte BLAKE2b name hash, found by brute
+        // force (the birthday bound is ~4,000 ids).
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let (first, second) = (0..200_000)
+            .map(|i| format!("dev-{i}"))
+            .find_map(|id| {
+                let h = naming::instance_hash(&id, true, "");
+                seen.insert(h, id.clone()).map(|prev| (prev, id))
+            })
+            .expect("a collision within 200,000 ids");
+        let mut h = Harness::new("n1");
+        h.state
+            .upsert_config(&key(), view(1, Duration::from_secs(5)))
+            .expect("config");
+        h.state.update_devices(
+            &key(),
+            true,
+            vec![dev(&first), dev(&second)],
+            Instant::now(),
+        );
+        let writes = h.drain();
+        assert_eq!(writes.len(), 1, "one Instance, not a merge of two devices");
+        let summary = h.state.node_summary(&key()).expect("summary");
+        assert!(
+            summary
+                .conflicts
+                .iter()
+                .any(|c| c.contains(&first) && c.contains(&second)),
+            "{:?}",
+            summary.conflicts
+        );
     }
 
     #[test]
