@@ -23,7 +23,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -219,10 +219,75 @@ pub async fn cluster_cmd(args: &[&str]) -> Result<String> {
 static SKIP_NOTICE: OnceLock<()> = OnceLock::new();
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static NS_COUNTER: AtomicU64 = AtomicU64::new(0);
+static HOLDS_EXCLUSIVE: AtomicBool = AtomicBool::new(false);
 
-/// Serialises disruptive tests: hold the guard for the whole test.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().await
+/// The machine-wide e2e lock: every test namespace holds it shared, a disruptive test ([`serial`])
+/// exclusively. Inside one `cargo test` run the test binaries already run one after the other;
+/// the lock also keeps a disruptive test in one process (or shell, or session) from restarting
+/// components under the tests of another process on the same machine.
+pub fn e2e_lock_path() -> PathBuf {
+    let dir = Path::new("/run/lock");
+    if dir.is_dir() {
+        dir.join("verge-e2e.lock")
+    } else {
+        std::env::temp_dir().join("verge-e2e.lock")
+    }
+}
+
+async fn take_e2e_lock(exclusive: bool) -> Option<std::fs::File> {
+    let path = e2e_lock_path();
+    let taken = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        if exclusive {
+            file.lock()?;
+        } else {
+            file.lock_shared()?;
+        }
+        Ok(file)
+    })
+    .await;
+    match taken {
+        Ok(Ok(file)) => Some(file),
+        Ok(Err(e)) => {
+            uncaptured(&format!(
+                "verge-e2e: warning: cannot lock {}: {e}",
+                e2e_lock_path().display()
+            ));
+            None
+        }
+        Err(e) => {
+            uncaptured(&format!("verge-e2e: warning: lock task failed: {e}"));
+            None
+        }
+    }
+}
+
+/// Held by a disruptive test for its whole run (see [`serial`]).
+pub struct SerialGuard {
+    _file: Option<std::fs::File>,
+    _guard: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for SerialGuard {
+    fn drop(&mut self) {
+        HOLDS_EXCLUSIVE.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Serialises disruptive tests: hold the guard for the whole test. It also takes the machine-wide
+/// e2e lock exclusively, so no test namespace of another process is live meanwhile.
+pub async fn serial() -> SerialGuard {
+    let guard = SERIAL.lock().await;
+    let file = take_e2e_lock(true).await;
+    HOLDS_EXCLUSIVE.store(true, Ordering::SeqCst);
+    SerialGuard {
+        _file: file,
+        _guard: guard,
+    }
 }
 
 /// A connection to the test cluster.
@@ -288,8 +353,15 @@ impl Cluster {
         &self.kubeconfig
     }
 
-    /// Creates a fresh namespace `e2e-<prefix>-<unique>`, deleted when the guard drops.
+    /// Creates a fresh namespace `e2e-<prefix>-<unique>`, deleted when the guard drops. The guard
+    /// holds the machine-wide e2e lock shared (unless this process runs a [`serial`] test), so
+    /// disruptive tests elsewhere wait for it.
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        let shared_lock = if HOLDS_EXCLUSIVE.load(Ordering::SeqCst) {
+            None
+        } else {
+            take_e2e_lock(false).await
+        };
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -333,6 +405,7 @@ impl Cluster {
         Ok(TestNamespace {
             name,
             client: self.client.clone(),
+            _shared_lock: shared_lock,
         })
     }
 
@@ -514,6 +587,7 @@ pub fn broker_pod(name: &str, labels: serde_json::Value, node: Option<&str>) -> 
 pub struct TestNamespace {
     name: String,
     client: Client,
+    _shared_lock: Option<std::fs::File>,
 }
 
 impl TestNamespace {
