@@ -153,7 +153,11 @@ fn embedded_handler(name: &str) -> Result<Arc<dyn DiscoveryHandler>, Failure> {
         .map_err(|e| bad(format!("agent settings: {e}")))?;
     let registry = Registry::new(Metrics::new());
     crate::add_embedded_handlers(&registry, &settings.config);
-    if let Some(found) = registry.get(name).into_iter().find(|h| h.endpoint.is_none()) {
+    if let Some(found) = registry
+        .get(name)
+        .into_iter()
+        .find(|h| h.endpoint.is_none())
+    {
         return Ok(found.handler);
     }
     Err(bad(format!(
@@ -298,10 +302,7 @@ pub fn update_table(update: &DiscoveryUpdate) -> String {
         out.push_str(&format!("{:width$}  {props}\n", d.id));
     }
     for d in &update.diagnostics {
-        out.push_str(&format!(
-            "! {} {}: {}\n",
-            d.severity, d.subject, d.message
-        ));
+        out.push_str(&format!("! {} {}: {}\n", d.severity, d.subject, d.message));
     }
     out
 }
