@@ -467,6 +467,76 @@ spec:
 }
 
 #[tokio::test]
+async fn handler_diagnostics_become_a_condition_and_an_event() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    ensure_crds(&c).await?;
+    let ns = c.namespace("agent-diag").await?;
+    let dir = tempfile_dir("diag")?;
+    let mut agent = Agent::start(NODE, ns.name(), &[]).await?;
+    c.apply_yaml(
+        Some(ns.name()),
+        &format!(
+            "apiVersion: akri.sh/v0
+kind: Configuration
+metadata:
+  name: diag
+spec:
+  discoveryHandler:
+    name: debugEcho
+    discoveryDetails: |
+      descriptions: [cam]
+      availabilityFile: {}
+      diagnostics:
+      - {{subject: cam, severity: Error, message: wrong camera password}}
+  capacity: 1
+",
+            dir.join("a").display()
+        ),
+    )
+    .await?;
+    let t = Instant::now();
+    let api: Api<Configuration> = Api::namespaced(c.client(), ns.name());
+    let condition = wait_until("a HandlerDiagnostics condition", DEADLINE, || async {
+        let cfg = api.get("diag").await?;
+        Ok(cfg
+            .status
+            .and_then(|s| s.nodes.into_iter().find(|n| n.node == NODE))
+            .and_then(|n| {
+                n.conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "HandlerDiagnostics")
+            }))
+    })
+    .await?;
+    report_time("handler diagnostic → status condition", t);
+    ensure!(
+        condition.message.contains("cam") && condition.message.contains("wrong camera password"),
+        "{:?}",
+        condition.message
+    );
+    wait_until("a HandlerDiagnostics Event", DEADLINE, || async {
+        let events = Api::<Event>::namespaced(c.client(), ns.name())
+            .list(&ListParams::default())
+            .await?;
+        Ok(events.items.into_iter().find(|e| {
+            e.involved_object.name.as_deref() == Some("diag")
+                && e.reason.as_deref() == Some("HandlerDiagnostics")
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("wrong camera password"))
+        }))
+    })
+    .await?;
+    // Diagnostics do not fail discovery: the device is still there.
+    wait_instances(&c, ns.name(), "diag", 1).await?;
+    agent.stop().await?;
+    drop(ns);
+    Ok(())
+}
+
+#[tokio::test]
 async fn agent_restart_adopts_instances_and_keeps_pods() -> Result<()> {
     let Some(c) = Cluster::connect().await else {
         return Ok(());

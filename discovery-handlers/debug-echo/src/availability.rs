@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use verge_discovery_sdk::{Device, DeviceStream, DiscoveryError, DiscoveryUpdate};
+use verge_discovery_sdk::{Device, DeviceStream, Diagnostic, DiscoveryError, DiscoveryUpdate};
 
 use crate::OFFLINE;
 
@@ -22,7 +22,11 @@ async fn is_online(file: &Path) -> bool {
 }
 
 /// Streams `devices` while the file does not say OFFLINE, and an empty list while it does.
-pub fn watch(file: PathBuf, devices: Vec<Device>) -> Result<DeviceStream, DiscoveryError> {
+pub fn watch(
+    file: PathBuf,
+    devices: Vec<Device>,
+    diagnostics: Vec<Diagnostic>,
+) -> Result<DeviceStream, DiscoveryError> {
     let dir = file
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -71,7 +75,11 @@ pub fn watch(file: PathBuf, devices: Vec<Device>) -> Result<DeviceStream, Discov
                 last = Some(online);
                 let list = if online { devices.clone() } else { Vec::new() };
                 tracing::debug!(file = %file.display(), online, "availability changed");
-                if tx.send(Ok(DiscoveryUpdate::devices(list))).await.is_err() {
+                let update = DiscoveryUpdate {
+                    devices: list,
+                    diagnostics: diagnostics.clone(),
+                };
+                if tx.send(Ok(update)).await.is_err() {
                     break;
                 }
             }

@@ -4,6 +4,8 @@
 //! ```yaml
 //! descriptions: [foo0, foo1]   # one device per entry; required
 //! availabilityFile: /tmp/x     # optional; Verge extension (default: the handler's file)
+//! diagnostics:                 # optional; Verge extension: echoed in every update
+//! - {subject: foo0, severity: Warning, message: "simulated problem"}
 //! ```
 //! Each device has id = its description and one property,
 //! `DEBUG_ECHO_DESCRIPTION`. While the availability file contains `OFFLINE`,
@@ -18,7 +20,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 use verge_discovery_sdk::{
-    Device, DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest, parse_details,
+    Device, DeviceStream, Diagnostic, DiscoveryError, DiscoveryHandler, DiscoveryRequest,
+    parse_details, severity,
 };
 
 /// Name Configurations use.
@@ -39,6 +42,22 @@ pub struct DebugEchoSettings {
     /// Availability file for this Configuration only (so tests do not share one switch).
     #[serde(default)]
     pub availability_file: Option<PathBuf>,
+    /// Diagnostics to send with every update (exercises the `v0` diagnostics extension).
+    #[serde(default)]
+    pub diagnostics: Vec<DiagnosticSetting>,
+}
+
+/// One diagnostic to echo.
+#[derive(Deserialize, Debug, Default, PartialEq, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosticSetting {
+    /// What it is about.
+    #[serde(default)]
+    pub subject: String,
+    /// `Error`, `Warning` or `Info`.
+    pub severity: String,
+    /// Text.
+    pub message: String,
 }
 
 /// The handler.
@@ -89,7 +108,25 @@ impl DebugEcho {
             .availability_file
             .clone()
             .unwrap_or_else(|| self.default_availability_file.clone());
-        availability::watch(file, Self::devices(&settings))
+        for d in &settings.diagnostics {
+            if ![severity::ERROR, severity::WARNING, severity::INFO].contains(&d.severity.as_str())
+            {
+                return Err(DiscoveryError::InvalidSettings(format!(
+                    "diagnostic severity {:?} is not Error, Warning or Info",
+                    d.severity
+                )));
+            }
+        }
+        let diagnostics = settings
+            .diagnostics
+            .iter()
+            .map(|d| Diagnostic {
+                subject: d.subject.clone(),
+                severity: d.severity.clone(),
+                message: d.message.clone(),
+            })
+            .collect();
+        availability::watch(file, Self::devices(&settings), diagnostics)
     }
 }
 

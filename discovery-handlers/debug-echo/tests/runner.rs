@@ -233,3 +233,43 @@ async fn embedded_and_remote_give_the_same_devices() {
         Err(DiscoveryError::Transport(_))
     ));
 }
+
+#[tokio::test]
+async fn diagnostics_cross_the_wire_in_field_100() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("diag.sock");
+    let config = RunnerConfig {
+        directory: dir.path().to_path_buf(),
+        endpoint: verge_discovery_sdk::runner::ServeEndpoint::Uds(socket.clone()),
+        ..RunnerConfig::default()
+    };
+    let handler = Arc::new(DebugEcho::new(dir.path().join("a"), true));
+    let runner = tokio::spawn(Runner::new(handler, config).run(futures::future::pending()));
+    let deadline = Instant::now() + DEADLINE;
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "runner never listened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let remote = RemoteHandler::new("debugEcho", true, HandlerEndpoint::Uds(socket));
+    let details = format!(
+        "descriptions: [d]\navailabilityFile: {}\ndiagnostics:\n- {{subject: d, severity: Warning, message: wrong password}}\n",
+        dir.path().join("av").display()
+    );
+    let mut stream = remote.discover(request(&details)).await.expect("discover");
+    let update = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("update")
+        .expect("open")
+        .expect("ok");
+    assert_eq!(update.devices.len(), 1);
+    assert_eq!(update.diagnostics.len(), 1);
+    assert_eq!(update.diagnostics[0].message, "wrong password");
+    assert_eq!(update.diagnostics[0].severity, "Warning");
+    let bad = remote
+        .discover(request(
+            "descriptions: [d]\ndiagnostics:\n- {severity: Fatal, message: x}\n",
+        ))
+        .await;
+    assert!(matches!(bad, Err(DiscoveryError::InvalidSettings(m)) if m.contains("Fatal")));
+    runner.abort();
+}
