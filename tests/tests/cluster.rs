@@ -452,9 +452,45 @@ async fn device_lan_namespace_gets_host_multicast_not_eth0() -> Result<()> {
         "receiver in {name}: {status} {stdout:?} {}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The same over IPv6 (site-local scope group, no interface chosen by the sender).
+    let receiver6 = "import socket, struct\n\
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.bind(('', 5998))\n\
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,\n\
+            socket.inet_pton(socket.AF_INET6, 'ff05::204:77') + struct.pack('@I', socket.if_nametoindex('lan0')))\n\
+        s.settimeout(20)\n\
+        data, addr = s.recvfrom(100)\n\
+        print(data.decode(), addr[0], flush=True)\n";
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &name, "/usr/bin/python3", "-c", receiver6])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let sock6 = tokio::net::UdpSocket::bind("[::]:0").await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        sock6
+            .send_to(b"verge-e2e-mcast6", "[ff05::204:77]:5998")
+            .await?;
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        ensure!(Instant::now() < deadline, "no IPv6 datagram reached {name}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let out = child.wait_with_output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        status.success() && stdout.trim() == "verge-e2e-mcast6 fd00:204::1",
+        "IPv6 receiver in {name}: {status} {stdout:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.assert_no_multicast_leak().await?;
     report_time(
-        "host multicast reached a device-LAN namespace, none left by eth0",
+        "host multicast (IPv4 + IPv6) reached a device-LAN namespace, none left by eth0",
         t,
     );
     Ok(())
