@@ -792,6 +792,8 @@ fn job_spec(marker: &str) -> Value {
         "backoffLimit": 0,
         "template": {"spec": {
             "restartPolicy": "Never",
+            // Node 1: the two-node test stops node 2's kubelet meanwhile.
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
             "containers": [{
                 "name": "job",
                 "image": BROKER_IMAGE,
