@@ -1064,7 +1064,11 @@ impl AgentProcess {
             std::fs::write(availability, "ONLINE")?;
         }
         let log = dir.join("agent.log");
-        let out = std::fs::File::create(&log)?;
+        // Appended: a restarted agent keeps the earlier run's lines for the conflict check.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let err = out.try_clone()?;
         let mut command = if node == NODE {
             tokio::process::Command::new(&bin)
@@ -1357,17 +1361,23 @@ async fn with_agents_on_two_nodes_a_lost_node_leaves_and_rejoins() -> Result<()>
     let availability = std::env::temp_dir().join(format!("verge-e2e-availability-{ns}"));
     std::fs::write(&availability, "ONLINE")?;
     let agent1 = AgentProcess::start(&c, &ns, NODE, &availability).await?;
-    let agent2 = AgentProcess::start(&c, &ns, NODE2, &availability).await?;
-    let result = two_nodes_body(&c, &ns, &availability).await;
+    let mut agent2 = Some(AgentProcess::start(&c, &ns, NODE2, &availability).await?);
+    let agent2_log = agent2.as_ref().map(|a| a.log.clone()).unwrap_or_default();
+    let result = two_nodes_body(&c, &ns, &availability, &mut agent2).await;
+    let agent2_text = std::fs::read_to_string(&agent2_log).unwrap_or_default();
     if result.is_err() {
         eprintln!("--- agent on {NODE}:\n{}", agent1.log_tail());
-        eprintln!("--- agent on {NODE2}:\n{}", agent2.log_tail());
+        let lines: Vec<&str> = agent2_text.lines().collect();
+        eprintln!(
+            "--- agent on {NODE2}:\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        );
     }
     let result = result.and_then(|()| {
         for (who, text) in [
             ("controller", controller.log_text()),
             ("agent 1", agent1.log_text()),
-            ("agent 2", agent2.log_text()),
+            ("agent 2", agent2_text.clone()),
         ] {
             let conflicts: Vec<&str> = text
                 .lines()
@@ -1383,7 +1393,12 @@ async fn with_agents_on_two_nodes_a_lost_node_leaves_and_rejoins() -> Result<()>
     explain(result, &[&controller])
 }
 
-async fn two_nodes_body(c: &Cluster, ns: &str, availability: &std::path::Path) -> Result<()> {
+async fn two_nodes_body(
+    c: &Cluster,
+    ns: &str,
+    availability: &std::path::Path,
+    agent2: &mut Option<AgentProcess>,
+) -> Result<()> {
     const NODE2: &str = "verge-node-2";
     let suffix: String = ns.chars().rev().take(6).collect();
     let cfg = format!("two{suffix}");
@@ -1411,9 +1426,12 @@ async fn two_nodes_body(c: &Cluster, ns: &str, availability: &std::path::Path) -
     c.wait_pod_ready(ns, &node2_broker, Duration::from_secs(120))
         .await?;
 
+    // Node 2 goes down: its kubelet stops and so does its agent (an agent left running would,
+    // by design, list its node again, since it still sees the device).
     let t = Instant::now();
     verge_e2e::cluster_cmd(&["stop", "kubelet", "--node", NODE2]).await?;
     let kubelet = KubeletBack(NODE2);
+    *agent2 = None;
     wait_until(
         "node 2 out of the Instance and its broker gone",
         Duration::from_secs(240),
@@ -1449,6 +1467,7 @@ async fn two_nodes_body(c: &Cluster, ns: &str, availability: &std::path::Path) -
         Ok(c.node_ready(NODE2).await?.then_some(()))
     })
     .await?;
+    *agent2 = Some(AgentProcess::start(c, ns, NODE2, availability).await?);
     wait_until(
         "node 2 back in the Instance",
         Duration::from_secs(120),
