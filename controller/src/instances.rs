@@ -35,6 +35,10 @@ use crate::status::{BrokerKind, BrokerTally, instance_status};
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "instance";
 
+/// The requeue for a Pending broker lands this long after its deadline, so the broker is past
+/// the timeout (not a hair before it) when it is judged again.
+const PENDING_DEADLINE_SLACK: Duration = Duration::from_secs(1);
+
 /// What one reconcile learned, to set the requeue and the status.
 struct Outcome {
     tally: BrokerTally,
@@ -301,7 +305,7 @@ async fn reconcile_pods(
                     outcome.tally.ready += 1;
                 }
                 if let Some(left) = pending_deadline(pod, now, pending_timeout) {
-                    outcome.requeue_within(left + Duration::from_secs(1));
+                    outcome.requeue_within(left + PENDING_DEADLINE_SLACK);
                 }
             }
             PodVerdict::Terminating => outcome.requeue_within(ctx.args.terminating_recheck),
