@@ -16,8 +16,9 @@ mod nodes;
 mod services;
 mod status;
 
+use std::collections::HashMap;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -285,18 +286,27 @@ async fn run_controllers(client: Client, args: Args, identity: String, metrics: 
     ));
 
     let instance_controller = Controller::new(instances.clone(), watcher::Config::default());
+    let seen_generations: Mutex<HashMap<(String, String), i64>> = Mutex::new(HashMap::new());
     let instance_store = instance_controller.store();
     let instance_loop = instance_controller
         .owns(pods.clone(), brokers.clone())
         .owns(jobs.clone(), brokers.clone())
         .owns(services.clone(), brokers.clone())
-        // A changed Configuration (broker spec, Service spec) concerns all of its Instances.
+        // A changed Configuration (broker spec, Service spec) concerns all of its Instances;
+        // its status changes (every count, every agent report) do not.
         .watches(
             configurations,
             watcher::Config::default(),
             move |c: Configuration| {
                 let namespace = c.namespace();
                 let name = c.name_any();
+                let generation = c.metadata.generation.unwrap_or_default();
+                let key = (namespace.clone().unwrap_or_default(), name.clone());
+                let mut seen = seen_generations.lock().unwrap_or_else(|e| e.into_inner());
+                if seen.insert(key, generation) == Some(generation) {
+                    return Vec::new();
+                }
+                drop(seen);
                 instance_store
                     .state()
                     .into_iter()
