@@ -66,12 +66,17 @@ class Handler(rpc.DiscoveryHandlerServicer):
             time.sleep(0.2)
 
 
+AUTHORITY = [("grpc.default_authority", "localhost")]
+
+
 def register():
     """Registers with the agent; retries with capped backoff until it answers."""
     delay = 0.05
     while True:
         try:
-            with grpc.insecure_channel("unix://" + REGISTRATION) as channel:
+            # A socket path is not a valid HTTP/2 :authority; tonic/hyper peers reset such
+            # streams, so name the authority explicitly.
+            with grpc.insecure_channel("unix://" + REGISTRATION, options=AUTHORITY) as channel:
                 rpc.RegistrationStub(channel).RegisterDiscoveryHandler(
                     pb.RegisterDiscoveryHandlerRequest(
                         name=NAME, endpoint=SOCKET, shared=True,
@@ -80,7 +85,7 @@ def register():
             log(f"registered at {SOCKET}")
             return
         except grpc.RpcError as e:
-            log(f"registration failed ({e.code().name}), retrying in {delay:.2f}s")
+            log(f"registration failed ({e.code().name}: {e.details()}), retrying in {delay:.2f}s")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
