@@ -174,12 +174,50 @@ async fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use futures::StreamExt;
+
     #[test]
     fn glob() {
-        assert!(super::matches("ttyUSB*", "ttyUSB0"));
-        assert!(super::matches("*.img", "disk.img"));
-        assert!(super::matches("a*b*c", "axxbyyc"));
-        assert!(!super::matches("ttyUSB*", "ttyS0"));
-        assert!(!super::matches("a", "ab"));
+        assert!(matches("ttyUSB*", "ttyUSB0"));
+        assert!(matches("*.img", "disk.img"));
+        assert!(matches("a*b*c", "axxbyyc"));
+        assert!(!matches("ttyUSB*", "ttyS0"));
+        assert!(!matches("a", "ab"));
+    }
+
+    fn request(details: String) -> DiscoveryRequest {
+        DiscoveryRequest {
+            details,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn live_full_lists_and_bad_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.img"), "").expect("write");
+        std::fs::write(dir.path().join("b.txt"), "").expect("write");
+        let details = format!("directory: {}\npattern: \"*.img\"", dir.path().display());
+        let mut stream = FileGlob.discover(request(details)).await.expect("valid");
+        let ids = |u: DiscoveryUpdate| u.devices.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        let first = stream.next().await.expect("a list").expect("ok");
+        assert_eq!(first.devices[0].mounts.len(), 1);
+        assert_eq!(ids(first), ["a.img"]);
+        std::fs::write(dir.path().join("c.img"), "").expect("write");
+        let next = stream.next().await.expect("a list").expect("ok");
+        assert_eq!(ids(next), ["a.img", "c.img"]);
+
+        for bad in [
+            "directory: relative\npattern: x",
+            "pattern: \"*\"",
+            "nope: 1",
+        ] {
+            let err = FileGlob.discover(request(bad.into())).await.err();
+            assert!(
+                matches!(err, Some(DiscoveryError::InvalidSettings(_))),
+                "{bad}: {err:?}"
+            );
+        }
     }
 }
