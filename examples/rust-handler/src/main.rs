@@ -158,6 +158,13 @@ fn watch(watcher: &mut notify::RecommendedWatcher, dir: &Path) -> Result<(), Dis
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // The Runner logs registrations and re-registrations; RUST_LOG=debug for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .init();
     // Serves on $DISCOVERY_HANDLERS_DIRECTORY/fileGlob.sock, registers on
     // agent-registration.sock there, and re-registers when the agent restarts.
     match Runner::new(Arc::new(FileGlob), RunnerConfig::from_env())
