@@ -2,11 +2,16 @@
 //!
 //! Each test runs its own controller as a host process (the binary cargo built next to this
 //! test, or `VERGE_CONTROLLER_BIN`) restricted to the test's namespace, with its Lease in that
-//! namespace, so tests run in parallel without seeing each other. Instances are written the way
-//! the agent writes them (server-side apply under `verge-agent/<node>/device` and
-//! `verge-agent/<node>`), so these tests need no agent; broker Pods requesting
+//! namespace, so tests run in parallel without seeing each other.
+//!
+//! Most tests write Instances the way the agent does (server-side apply under
+//! `verge-agent/<node>/device` and `verge-agent/<node>`) and need no agent: broker Pods requesting
 //! `akri.sh/<instance>` stay Pending without one, which is enough to check what the controller
-//! creates. Node loss is exercised with a node name that does not exist.
+//! creates; node loss is exercised there with a node name that does not exist. The `with_agent`
+//! tests run the real agent (`verge-agent run`, namespace-restricted) with its embedded debugEcho
+//! handler as a host process on each node (node 2 through `cluster node-exec`), for the full
+//! flow: brokers Running with the device's env, Services answering, OFFLINE/ONLINE, property
+//! changes, and a node going down and coming back (two-node clusters only; skipped otherwise).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
