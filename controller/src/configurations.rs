@@ -139,7 +139,11 @@ async fn reconcile_inner(configuration: &Configuration, ctx: &Context) -> Result
     brokers.wanted = if configuration.spec.broker_pod_spec().is_some() {
         instances
             .iter()
-            .map(|i| broker_nodes(i, &BTreeSet::new()).len())
+            .map(|i| {
+                let mut usable = i.clone();
+                usable.spec.nodes.retain(|n| !ctx.is_lost(n));
+                broker_nodes(&usable, &BTreeSet::new()).len()
+            })
             .sum()
     } else if configuration.spec.broker_job_spec().is_some() {
         instances
