@@ -515,6 +515,16 @@ async fn chart_install_upgrade_refuse_uninstall() -> Result<()> {
         );
     }
 
+    // least-privilege RBAC still lets them do their work: nothing refused in their logs
+    for p in agents.iter().chain(&controllers) {
+        let name = p["metadata"]["name"].as_str().unwrap_or_default();
+        let log = c.logs(&ns_name, name).await?;
+        ensure!(
+            !log.contains("forbidden") && !log.contains("Forbidden"),
+            "{name} was refused by RBAC:\n{log}"
+        );
+    }
+
     // memory within the requests
     let requests: Vec<(String, u64)> = [("agent", &agents), ("controller", &controllers)]
         .iter()
