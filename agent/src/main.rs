@@ -150,7 +150,8 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::new(allocator),
         metrics.clone(),
     );
-    tokio::spawn(manager.run(plugin_rx));
+    let (stop_plugins, plugins_stopped) = tokio::sync::oneshot::channel();
+    let plugin_task = tokio::spawn(manager.run(plugin_rx, plugins_stopped));
     tokio::spawn(podresources::reclaim_loop(
         pod_resources,
         state.clone(),
@@ -211,6 +212,13 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
             tracing::info!("shutting down");
         }
     }
+    let _ = stop_plugins.send(());
+    let _ = plugin_task.await;
+    let _ = std::fs::remove_file(
+        config
+            .discovery_handlers_directory
+            .join(verge_discovery_sdk::REGISTRATION_SOCKET_NAME),
+    );
     Ok(())
 }
 

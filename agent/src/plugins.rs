@@ -173,8 +173,13 @@ impl PluginManager {
         }
     }
 
-    /// Runs until the command channel closes.
-    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<PluginCommand>) {
+    /// Runs until the command channel closes or `stop` fires.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<PluginCommand>,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut stop = stop;
         let (kubelet_tx, mut kubelet_rx) = mpsc::unbounded_channel::<()>();
         let _watcher = match self.watch_kubelet(kubelet_tx) {
             Ok(w) => Some(w),
@@ -192,6 +197,7 @@ impl PluginManager {
                 )
             });
             tokio::select! {
+                _ = &mut stop => break,
                 _ = async { match retry { Some(d) => tokio::time::sleep(d).await, None => futures::future::pending().await } } => {
                     self.retry_attempts = self.retry_attempts.saturating_add(1);
                     let pending: Vec<String> = std::mem::take(&mut self.unregistered)
@@ -230,8 +236,16 @@ impl PluginManager {
                 }
             }
         }
-        for (_, s) in self.servers.drain() {
+        self.shutdown();
+    }
+
+    /// Stops every server and removes its socket, so nothing of the agent is
+    /// left in kubelet's directory. Instances and slots stay as they are: the
+    /// next agent adopts them and registers again.
+    pub fn shutdown(&mut self) {
+        for (resource, s) in self.servers.drain() {
             s.task.abort();
+            let _ = std::fs::remove_file(self.dir.join(socket_name(&resource)));
         }
     }
 

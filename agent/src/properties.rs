@@ -42,6 +42,18 @@ pub enum PropertyError {
         /// Key.
         key: String,
     },
+    /// The Secret or ConfigMap does not exist (and the property is not optional).
+    #[error("property {property}: {kind} {namespace}/{name} not found")]
+    NotFound {
+        /// Property name.
+        property: String,
+        /// Secret or ConfigMap.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Object.
+        name: String,
+    },
     /// Neither value nor valueFrom.
     #[error("property {0} has neither value nor valueFrom")]
     Empty(String),
@@ -141,31 +153,45 @@ async fn read(
         name: sel.name.clone(),
         message: e.to_string(),
     };
+    let optional = sel.optional.unwrap_or(false);
+    let not_found = || PropertyError::NotFound {
+        property: property.to_string(),
+        kind: kind_name,
+        namespace: namespace.clone(),
+        name: sel.name.clone(),
+    };
     let value: Option<Vec<u8>> = match kind {
-        Kind::Secret => Api::<Secret>::namespaced(client.clone(), &namespace)
-            .get_opt(&sel.name)
-            .await
-            .map_err(api_err)?
-            .and_then(|s| s.data)
-            .and_then(|d| d.get(&sel.key).map(|b| b.0.clone())),
-        Kind::ConfigMap => {
-            let cm = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
+        Kind::Secret => {
+            let Some(secret) = Api::<Secret>::namespaced(client.clone(), &namespace)
                 .get_opt(&sel.name)
                 .await
-                .map_err(api_err)?;
-            cm.and_then(|c| {
-                c.data
-                    .and_then(|d| d.get(&sel.key).map(|s| s.clone().into_bytes()))
-                    .or_else(|| {
-                        c.binary_data
-                            .and_then(|b| b.get(&sel.key).map(|v| v.0.clone()))
-                    })
-            })
+                .map_err(api_err)?
+            else {
+                return if optional { Ok(None) } else { Err(not_found()) };
+            };
+            secret
+                .data
+                .and_then(|d| d.get(&sel.key).map(|b| b.0.clone()))
+        }
+        Kind::ConfigMap => {
+            let Some(c) = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
+                .get_opt(&sel.name)
+                .await
+                .map_err(api_err)?
+            else {
+                return if optional { Ok(None) } else { Err(not_found()) };
+            };
+            c.data
+                .and_then(|d| d.get(&sel.key).map(|s| s.clone().into_bytes()))
+                .or_else(|| {
+                    c.binary_data
+                        .and_then(|b| b.get(&sel.key).map(|v| v.0.clone()))
+                })
         }
     };
     match value {
         Some(v) => Ok(Some(v)),
-        None if sel.optional.unwrap_or(false) => Ok(None),
+        None if optional => Ok(None),
         None => Err(PropertyError::Missing {
             property: property.to_string(),
             kind: kind_name,

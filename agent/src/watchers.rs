@@ -96,8 +96,19 @@ impl ConfigWatcher {
                     None => return,
                     Some(Err(e)) => tracing::warn!(error = %e, "Configuration watch error; retrying"),
                     Some(Ok(Event::Apply(c))) => {
-                        known.insert(key_of(&c), c.clone());
-                        self.upsert(&c, &mut running).await;
+                        // Status writes (ours and the controller's) also arrive
+                        // here; only a new generation or grace annotation
+                        // matters, so they cost no Secret reads.
+                        let key = key_of(&c);
+                        let same = known.get(&key).is_some_and(|old| {
+                            old.metadata.generation == c.metadata.generation
+                                && old.annotations().get(GRACE_ANNOTATION) == c.annotations().get(GRACE_ANNOTATION)
+                                && old.uid() == c.uid()
+                        });
+                        known.insert(key, c.clone());
+                        if !same {
+                            self.upsert(&c, &mut running).await;
+                        }
                     }
                     Some(Ok(Event::Delete(c))) => {
                         let key = key_of(&c);
