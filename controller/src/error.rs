@@ -61,3 +61,28 @@ pub fn api_message(error: &kube::Error) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: format!("status {code}"),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn only_final_refusals_skip_the_retry() {
+        assert!(is_refusal(&api_error(422)));
+        assert!(is_refusal(&api_error(403)));
+        assert!(!is_refusal(&api_error(409)), "conflicts resolve on retry");
+        assert!(!is_refusal(&api_error(429)), "throttling resolves on retry");
+        assert!(!is_refusal(&api_error(500)));
+        assert!(is_not_found(&api_error(404)));
+        assert_eq!(api_message(&api_error(422)), "status 422");
+        assert_eq!(Error::Kube(api_error(500)).metric_label(), "kube");
+    }
+}
