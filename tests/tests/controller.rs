@@ -1353,6 +1353,8 @@ async fn with_agents_on_two_nodes_a_lost_node_leaves_and_rejoins() -> Result<()>
         );
         return Ok(());
     }
+    // Stopping a kubelet is disruptive: no other process's e2e test runs meanwhile.
+    let _serial = verge_e2e::serial().await;
     let ns = c.namespace("ctl-twonodes").await?;
     let ns = ns.name().to_string();
     ensure_crds(&c).await?;
