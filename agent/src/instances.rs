@@ -360,6 +360,40 @@ async fn apply_present(
 ) -> Result<(), WriteError> {
     let device = device_body(key, desired);
     let usage = usage_body(key, node, desired);
+    if previous.is_none()
+        && let Some(device) = &device
+    {
+        // First write from this agent: apply the whole object under this
+        // node's unforced manager, so the Instance never appears without its
+        // node; the forced apply below then shares the copied fields. A 409
+        // (another node wrote different values first) falls back to the
+        // usual order.
+        let mut whole = device.clone();
+        if let (Some(spec), Some(extra)) = (
+            whole.get_mut("spec").and_then(Value::as_object_mut),
+            usage.get("spec").and_then(Value::as_object),
+        ) {
+            spec.extend(extra.clone());
+        }
+        match api
+            .patch(
+                &key.name,
+                &PatchParams::apply(&usage_manager(node)),
+                &Patch::Apply(&whole),
+            )
+            .await
+        {
+            Ok(_) => {
+                let params = PatchParams::apply(&device_manager(node)).force();
+                api.patch(&key.name, &params, &Patch::Apply(device))
+                    .await
+                    .map_err(|e| api_error(metrics, "apply_instance", &e))?;
+                return Ok(());
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(api_error(metrics, "apply_instance", &e)),
+        }
+    }
     if let Some(body) = &device
         && previous.map(|p| p.0.as_ref()) != Some(Some(body))
     {
