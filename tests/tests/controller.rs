@@ -967,7 +967,7 @@ async fn two_replicas_one_leader_and_failover() -> Result<()> {
         .await,
         &[&a],
     )?;
-    let b = ControllerProcess::start(&c, &ns, "replica-b", FAST_LEASE).await?;
+    let mut b = ControllerProcess::start(&c, &ns, "replica-b", FAST_LEASE).await?;
     let result = async {
         let uid = apply_configuration(
             &c,
@@ -1034,6 +1034,30 @@ async fn two_replicas_one_leader_and_failover() -> Result<()> {
             metrics_b.contains("verge_controller_leader 1"),
             "new leader's metric"
         );
+
+        // A graceful stop (SIGTERM) releases the Lease: a third replica takes over without
+        // waiting for it to expire, and the stopped one exits 0.
+        let mut standby = ControllerProcess::start(&c, &ns, "replica-c", FAST_LEASE).await?;
+        wait_until("replica-c up", ACT, || async {
+            Ok((standby.get("/readyz").await.ok().map(|r| r.0) == Some(200)).then_some(()))
+        })
+        .await?;
+        let pid = b.child.id().context("replica-b has no pid")?;
+        let t = Instant::now();
+        verge_e2e::run_ok(
+            std::path::Path::new("kill"),
+            &["-TERM", &pid.to_string()],
+            None,
+        )
+        .await?;
+        let status = tokio::time::timeout(ACT, b.child.wait()).await??;
+        ensure!(status.success(), "replica-b exited with {status}");
+        wait_until("replica-c leads", ACT, || async {
+            Ok((lease_holder(&c, &ns).await?.as_deref() == Some("replica-c")).then_some(()))
+        })
+        .await?;
+        report_time("leader handover after SIGTERM (Lease released)", t);
+        standby.child.start_kill()?;
         Ok(())
     }
     .await;
