@@ -102,6 +102,11 @@ pub fn helm_path() -> PathBuf {
     tool("helm")
 }
 
+/// How long a new namespace may wait for its default ServiceAccount. Generous:
+/// right after a control-plane fault test the controller-manager is still
+/// re-establishing its watches.
+const SERVICE_ACCOUNT_DEADLINE: Duration = Duration::from_secs(120);
+
 /// True when `VERGE_E2E=required`: a missing cluster is then a failure, not a skip.
 pub fn required() -> bool {
     std::env::var("VERGE_E2E").is_ok_and(|v| v == "required")
@@ -398,7 +403,7 @@ impl Cluster {
             Api::namespaced(self.client.clone(), &name);
         wait_until(
             &format!("ServiceAccount default in {name}"),
-            Duration::from_secs(30),
+            SERVICE_ACCOUNT_DEADLINE,
             || async { Ok(sa_api.get_opt("default").await?.map(|_| ())) },
         )
         .await?;
