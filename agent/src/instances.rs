@@ -296,6 +296,9 @@ pub async fn run_writer(
                         let _ = events.send(WriterEvent::Conflict(key.clone(), started));
                     }
                     Err(WriteError::Api(m)) => {
+                        // The object may have changed or vanished under us (a
+                        // 422 when it was deleted): write it whole next time.
+                        applied.remove(&key);
                         p.attempts = p.attempts.saturating_add(1);
                         let backoff = backoff(config.backoff_initial, config.backoff_max, p.attempts);
                         tracing::warn!(instance = %key.name, namespace = %key.namespace, error = %m, retry_in = ?backoff, "Instance write failed");
