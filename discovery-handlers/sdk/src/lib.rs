@@ -13,11 +13,12 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use verge_discovery_sdk::{DiscoveryHandler, Runner, RunnerConfig};
-//! # fn handler() -> Arc<dyn DiscoveryHandler> { unimplemented!() }
-//! # async fn run() -> Result<(), verge_discovery_sdk::RunnerError> {
-//! Runner::new(handler(), RunnerConfig::from_env()).run_until_signal().await
-//! # }
+//! use verge_discovery_sdk::{DiscoveryHandler, Runner, RunnerConfig, RunnerError};
+//!
+//! /// Serves any handler as an external `v0` handler until SIGTERM.
+//! async fn serve(handler: Arc<dyn DiscoveryHandler>) -> Result<(), RunnerError> {
+//!     Runner::new(handler, RunnerConfig::from_env()).run_until_signal().await
+//! }
 //! ```
 
 pub mod filter;
