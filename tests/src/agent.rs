@@ -37,12 +37,6 @@ pub fn kubelet_dir(node: &str) -> PathBuf {
     }
 }
 
-/// A free TCP port on loopback.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// A running agent.
 pub struct Agent {
     child: Option<Child>,
@@ -57,11 +51,24 @@ pub struct Agent {
     /// Its metrics URL.
     pub metrics_port: u16,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts an agent for `node`, serving `namespace`.
     pub async fn start(node: &str, namespace: &str, extra_args: &[&str]) -> Result<Agent> {
+        Self::start_with_env(node, namespace, extra_args, &[]).await
+    }
+
+    /// Like [`Agent::start`], with extra environment variables for the agent
+    /// process (e.g. `DBUS_SYSTEM_BUS_ADDRESS` for a mock BlueZ, or
+    /// `LD_PRELOAD`/`UMOCKDEV_DIR` for a umockdev testbed).
+    pub async fn start_with_env(
+        node: &str,
+        namespace: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
         let base = std::env::temp_dir().join(format!("verge-e2e-agent-{namespace}-{node}"));
         let handlers_dir = base.join("handlers");
         std::fs::create_dir_all(&handlers_dir)?;
@@ -71,8 +78,12 @@ impl Agent {
             namespace: namespace.to_string(),
             log: base.join("agent.log"),
             handlers_dir,
-            metrics_port: free_port()?,
+            metrics_port: crate::controller::free_port()?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         agent.spawn().await?;
         Ok(agent)
@@ -113,6 +124,7 @@ impl Agent {
         cmd.args(&args)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,verge_agent=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

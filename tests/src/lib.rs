@@ -18,6 +18,7 @@
 //! hold [`serial`] while they run.
 
 pub mod agent;
+pub mod controller;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
