@@ -73,6 +73,11 @@ class Layer:
             mode = os.stat(src).st_mode & 0o777
         self.add_bytes(dest, data, mode)
 
+    def add_symlink(self, path, target):
+        path = path.strip("/")
+        self.add_dir(os.path.dirname(path))
+        self.entries[path] = ("symlink", target, 0o777)
+
     def tar_bytes(self):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -85,6 +90,10 @@ class Layer:
                 info.mode = mode
                 if kind == "dir":
                     info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif kind == "symlink":
+                    info.type = tarfile.SYMTYPE
+                    info.linkname = data
                     tar.addfile(info)
                 else:
                     info.size = len(data)
@@ -105,6 +114,10 @@ def main():
     ap.add_argument("--dest", help="path of the binary in the image (default /usr/local/bin/NAME)")
     ap.add_argument("--no-libs", action="store_true", help="do not add the libraries ldd reports")
     ap.add_argument("--arg", action="append", default=[], help="default Cmd argument (repeatable)")
+    ap.add_argument("--extra", action="append", default=[], metavar="SRC[:DEST]",
+                    help="another file (with the libraries it links) in the image (repeatable)")
+    ap.add_argument("--busybox", metavar="PATH",
+                    help="a static busybox, installed as /bin/busybox with a symlink per applet")
     args = ap.parse_args()
 
     name = os.path.basename(args.binary)
@@ -115,6 +128,19 @@ def main():
     if not args.no_libs:
         for lib in linked_libraries(args.binary):
             layer.add_file(lib, os.path.realpath(lib), 0o755)
+    for extra in args.extra:
+        src, _, extra_dest = extra.partition(":")
+        layer.add_file(extra_dest or f"/usr/local/bin/{os.path.basename(src)}", src)
+        for lib in linked_libraries(src):
+            layer.add_file(lib, os.path.realpath(lib), 0o755)
+    if args.busybox:
+        layer.add_file("/bin/busybox", args.busybox, 0o755)
+        for lib in linked_libraries(args.busybox):
+            layer.add_file(lib, os.path.realpath(lib), 0o755)
+        applets = subprocess.run([args.busybox, "--list"], capture_output=True, text=True, check=True)
+        for applet in applets.stdout.split():
+            if applet != "busybox" and f"bin/{applet}" not in layer.entries:
+                layer.add_symlink(f"/bin/{applet}", "busybox")
     if os.path.exists(CA_BUNDLE):
         layer.add_file(CA_BUNDLE, CA_BUNDLE, 0o644)
     layer.add_bytes(
