@@ -102,6 +102,12 @@ pub struct Args {
     #[arg(long, env = "VERGE_RECONCILE_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]
     pub reconcile_debounce: Duration,
 
+    /// At start, bring the akri.sh CRDs up to the ones this controller was built with (Helm
+    /// never upgrades a chart's CRDs; Akri's lack the status subresource). `false` for
+    /// operators who manage the CRDs themselves.
+    #[arg(long, env = "VERGE_MANAGE_CRDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub manage_crds: bool,
+
     /// Log format.
     #[arg(long, env = "VERGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -192,6 +198,9 @@ mod tests {
         assert_eq!(args.validate(), Ok(()));
         assert_eq!(args.lease_duration, Duration::from_secs(15));
         assert_eq!(args.node_loss_delay, Duration::from_secs(60));
+        assert!(args.manage_crds);
+        let unmanaged = Args::parse_from(["verge-controller", "--manage-crds=false"]);
+        assert!(!unmanaged.manage_crds);
         let bad = Args::parse_from([
             "verge-controller",
             "--lease-duration",

@@ -6,6 +6,7 @@ mod brokers;
 mod cli;
 mod configurations;
 mod context;
+mod crds;
 mod error;
 mod failures;
 mod http;
@@ -99,6 +100,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             error!(error = %e, "HTTP server stopped");
         }
     });
+
+    if args.manage_crds {
+        // Before standing for leader, so no term runs against Akri's or outdated CRDs.
+        crds::ensure_current_at_startup(&client).await;
+    }
 
     let identity = args.identity();
     let mut elector = Elector::new(
@@ -264,6 +270,7 @@ fn configuration_of<K: Resource>(obj: &K) -> Option<ObjectRef<Configuration>> {
 
 async fn run_controllers(client: Client, args: Args, identity: String, metrics: Arc<Metrics>) {
     let ns = args.watch_namespace.clone();
+    let akri_sweep = crds::sweep_loop(client.clone(), ns.clone(), args.resync_interval);
     let ns = ns.as_deref();
     let configurations: Api<Configuration> = api(&client, ns);
     let instances: Api<Instance> = api(&client, ns);
@@ -345,5 +352,10 @@ async fn run_controllers(client: Client, args: Args, identity: String, metrics: 
             }
         });
 
-    tokio::join!(instance_loop, configuration_loop, nodes::run(ctx));
+    tokio::join!(
+        instance_loop,
+        configuration_loop,
+        nodes::run(ctx),
+        akri_sweep
+    );
 }
