@@ -278,5 +278,8 @@ fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
             true,
         )));
     }
+    // ONVIF cameras are network devices: shared.
+    #[cfg(feature = "onvif")]
+    registry.add_embedded(Arc::new(verge_onvif::Onvif::new(true)));
     let _ = (registry, config);
 }

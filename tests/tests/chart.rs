@@ -101,7 +101,10 @@ async fn chart_lints_and_schema_rejects_misspelt_values() -> Result<()> {
             "debugEcho.configuration.capacit=2",
             "additional properties 'capacit' not allowed",
         ),
-        ("onvif.discovery.enabled=true", "value must be false"),
+        (
+            "onvif.configuration.discoveryDetails.ipAdresses.action=Include",
+            "additional properties 'ipAdresses' not allowed",
+        ),
         (
             "controller.logFormat=xml",
             "value must be one of 'text', 'json'",
