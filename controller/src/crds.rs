@@ -42,6 +42,9 @@ const STARTUP_RETRY_INITIAL: Duration = Duration::from_secs(1);
 /// Instances listed per page by the sweep (bounded memory on big clusters).
 const SWEEP_PAGE_SIZE: u32 = 200;
 
+/// Attempts per Instance when it changes between read and write.
+const CONFLICT_ATTEMPTS: u32 = 5;
+
 /// Finalizers of the garbage collector, which are not domain-qualified either but are not Akri's.
 const GC_FINALIZERS: [&str; 2] = ["orphan", "foregroundDeletion"];
 
@@ -330,11 +333,58 @@ pub async fn sweep_akri_instances(
     }
 }
 
-async fn remove_akri_instance(client: &Client, meta: &ObjectMeta) -> Result<bool, CrdError> {
-    let (Some(name), Some(ns), Some(uid)) = (&meta.name, &meta.namespace, &meta.uid) else {
+/// How one removal attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Removal {
+    Removed,
+    Gone,
+    /// Changed since read (the controller writes Instance status): read again and retry.
+    Conflict,
+}
+
+fn api_code(e: &CrdError) -> Option<u16> {
+    match e {
+        CrdError::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Removes one Akri Instance, reading it again when it changed meanwhile. Returns whether this
+/// call removed it.
+async fn remove_akri_instance(client: &Client, listed: &ObjectMeta) -> Result<bool, CrdError> {
+    let (Some(name), Some(ns)) = (&listed.name, &listed.namespace) else {
         return Ok(false);
     };
     let api: Api<Instance> = Api::namespaced(client.clone(), ns);
+    let mut meta = listed.clone();
+    for _ in 0..CONFLICT_ATTEMPTS {
+        match remove_once(&api, &meta).await? {
+            Removal::Removed => return Ok(true),
+            Removal::Gone => return Ok(false),
+            Removal::Conflict => {
+                let fresh = call(
+                    format!("reading Instance {ns}/{name}"),
+                    api.get_metadata_opt(name),
+                )
+                .await?;
+                match fresh {
+                    Some(fresh) if written_by_akri(&fresh.metadata) => meta = fresh.metadata,
+                    _ => return Ok(false),
+                }
+            }
+        }
+    }
+    warn!(instance = %name, namespace = %ns, "Instance written by Akri kept changing; the next sweep retries");
+    Ok(false)
+}
+
+async fn remove_once(api: &Api<Instance>, meta: &ObjectMeta) -> Result<Removal, CrdError> {
+    let (Some(name), Some(ns), Some(uid)) = (&meta.name, &meta.namespace, &meta.uid) else {
+        return Ok(Removal::Gone);
+    };
     let finalizers = meta.finalizers.clone().unwrap_or_default();
     let akri = akri_node_finalizers(&finalizers);
     if !akri.is_empty() {
@@ -342,19 +392,16 @@ async fn remove_akri_instance(client: &Client, meta: &ObjectMeta) -> Result<bool
         // The resourceVersion makes the patch conditional: a finalizer added meanwhile stays.
         let patch =
             json!({"metadata": {"resourceVersion": meta.resource_version, "finalizers": kept}});
-        match call(
+        let result = call(
             format!("removing node finalizers of Instance {ns}/{name}"),
             api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
-        .await
-        {
-            Ok(_) => {}
-            // Gone, or changed since listed: the next sweep looks again.
-            Err(CrdError::Kube {
-                source: kube::Error::Api(s),
-                ..
-            }) if s.code == 404 || s.code == 409 => return Ok(false),
-            Err(e) => return Err(e),
+        .await;
+        match result.as_ref().err().map(api_code) {
+            None => {}
+            Some(Some(404)) => return Ok(Removal::Gone),
+            Some(Some(409)) => return Ok(Removal::Conflict),
+            Some(_) => return result.map(|_| Removal::Gone),
         }
     }
     if meta.deletion_timestamp.is_none() {
@@ -365,18 +412,16 @@ async fn remove_akri_instance(client: &Client, meta: &ObjectMeta) -> Result<bool
             }),
             ..DeleteParams::default()
         };
-        match call(
+        let result = call(
             format!("deleting Instance {ns}/{name}"),
             api.delete(name, &dp),
         )
-        .await
-        {
-            Ok(_) => {}
-            Err(CrdError::Kube {
-                source: kube::Error::Api(s),
-                ..
-            }) if s.code == 404 || s.code == 409 => return Ok(false),
-            Err(e) => return Err(e),
+        .await;
+        match result.as_ref().err().map(api_code) {
+            None => {}
+            // Gone, or replaced by a new Instance of the same name (uid precondition).
+            Some(Some(404 | 409)) => return Ok(Removal::Gone),
+            Some(_) => return result.map(|_| Removal::Gone),
         }
     }
     info!(
@@ -385,7 +430,7 @@ async fn remove_akri_instance(client: &Client, meta: &ObjectMeta) -> Result<bool
         finalizers = ?akri,
         "removed an Instance written by Akri; Verge agents recreate it when they discover the device"
     );
-    Ok(true)
+    Ok(Removal::Removed)
 }
 
 /// Runs [`sweep_akri_instances`] now and then every `interval`, for one leadership term.
