@@ -180,9 +180,8 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
     );
     settle_writes(ctx).await;
     let state = format!("{n} Instances");
-    let loaded: Vec<&Proc> = vec![&agent, &ctrls[0]];
-    let mut loaded_all = loaded.clone();
-    loaded_all.extend(ctrls.iter().skip(1));
+    let mut loaded_all: Vec<&Proc> = vec![&agent];
+    loaded_all.extend(ctrls.iter());
     measure(&loaded_all, &state, window, &mut rows, &targets).await;
     let config_api: Api<verge_crds::Configuration> = Api::namespaced(ctx.client(), NS);
     let _ = config_api.delete(CONFIG, &Default::default()).await;
