@@ -281,5 +281,9 @@ fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
     // ONVIF cameras are network devices: shared.
     #[cfg(feature = "onvif")]
     registry.add_embedded(Arc::new(verge_onvif::Onvif::new(true)));
+    // Several nodes may hear one BLE peripheral: shared. Without D-Bus or an
+    // adapter it only reports a diagnostic per Configuration, so it is always on.
+    #[cfg(feature = "ble")]
+    registry.add_embedded(Arc::new(verge_ble::Ble::new()));
     let _ = (registry, config);
 }
