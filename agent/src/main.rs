@@ -285,5 +285,10 @@ fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
     // adapter it only reports a diagnostic per Configuration, so it is always on.
     #[cfg(feature = "ble")]
     registry.add_embedded(Arc::new(verge_ble::Ble::new()));
+    // USB devices hang off this node's own bus: not shared.
+    #[cfg(feature = "usb")]
+    registry.add_embedded(Arc::new(verge_usb::Usb::new()));
+    #[cfg(feature = "udev")]
+    registry.add_embedded(Arc::new(verge_udev::Udev::new()));
     let _ = (registry, config);
 }
