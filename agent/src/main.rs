@@ -290,5 +290,8 @@ fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
     registry.add_embedded(Arc::new(verge_usb::Usb::new()));
     #[cfg(feature = "udev")]
     registry.add_embedded(Arc::new(verge_udev::Udev::new()));
+    // Announced services are reachable from every node on the link: shared.
+    #[cfg(feature = "mdns")]
+    registry.add_embedded(Arc::new(verge_mdns::Mdns::new(true)));
     let _ = (registry, config);
 }
