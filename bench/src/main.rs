@@ -35,6 +35,9 @@ struct Cli {
     /// Agent memory limit for the run (the chart's default, 64Mi, would OOM-kill at thousands of devices).
     #[arg(long, default_value = "1Gi", global = true)]
     agent_memory_limit: String,
+    /// Extra `helm` arguments for the install (repeat), e.g. `--helm-arg=--set --helm-arg=controller.replicas=1`.
+    #[arg(long = "helm-arg", global = true, allow_hyphen_values = true)]
+    helm_args: Vec<String>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -95,6 +98,7 @@ async fn run_one(cli: &Cli, ctx: &Ctx, scenario: &Scenario) -> Result<()> {
         "--set".into(),
         format!("agent.resources.limits.memory={}", cli.agent_memory_limit),
     ]);
+    args.extend(cli.helm_args.iter().cloned());
     let result = match Installation::install(&ctx.out_dir, &args).await {
         Ok(install) => {
             let r = tokio::select! {
