@@ -39,6 +39,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or .Values.onvif.discovery.enabled .Values.mdns.discovery.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/* true when usb or udev is enabled: uevents (hotplug) need the host's /run/udev and the host network namespace */}}
+{{- define "verge.uevents" -}}
+{{- if or .Values.usb.discovery.enabled .Values.udev.discovery.enabled -}}true{{- end -}}
+{{- end -}}
+
 {{- define "verge.podSecurityContextRestricted" -}}
 runAsNonRoot: true
 runAsUser: 65532
