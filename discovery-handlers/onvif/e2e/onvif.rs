@@ -1,0 +1,243 @@
+//! ONVIF on the test cluster (issue 7): ipycam virtual cameras on the device LAN
+//! (`cluster lan-host vg-onvif-camN 10.204.0.7N fd00:204::7N`), host-process agents with the
+//! embedded `onvif` handler on both nodes, and the controller. A Configuration gives one
+//! Instance per camera, listing both nodes (shared); its broker's env holds ONVIF_STREAM_URI and
+//! the broker runs ffprobe on it (never skipped) before starting the test broker. Multicast is
+//! limited to the device LAN (`verge-lan` on the host, `lan0` in node 2's namespace); the
+//! cameras are also listed as unicast targets.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use verge_crds::Instance;
+use verge_e2e::agent::{Agent, ensure_crds};
+use verge_e2e::controller::ControllerProcess;
+use verge_e2e::{Cluster, cluster_cmd, repo_root, report_time, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const CAMERAS: [(&str, &str, &str, &str); 2] = [
+    (
+        "vg-onvif-cam1",
+        "10.204.0.70",
+        "fd00:204::70",
+        "0a1b2c3d-0000-4000-8000-0000000e2e01",
+    ),
+    (
+        "vg-onvif-cam2",
+        "10.204.0.71",
+        "fd00:204::71",
+        "0a1b2c3d-0000-4000-8000-0000000e2e02",
+    ),
+];
+
+fn venv_python() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+        .join(".cache/verge/venv-onvif/bin/python")
+}
+
+/// A device-LAN namespace with an ipycam camera; both removed on drop.
+struct LanCamera {
+    ns: String,
+    child: Option<Child>,
+}
+
+impl LanCamera {
+    async fn start(ns: &str, ip4: &str, ip6: &str, uuid: &str) -> Result<Self> {
+        let _ = cluster_cmd(&["lan-host-del", ns]).await;
+        cluster_cmd(&["lan-host", ns, ip4, ip6]).await?;
+        let mut cam = LanCamera {
+            ns: ns.into(),
+            child: None,
+        };
+        let log = std::fs::File::create(format!("/tmp/verge-e2e-{ns}.log"))?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(venv_python())
+            .arg("-u")
+            .arg(repo_root().join("tests/peers/onvif/camera.py"))
+            .args([
+                "--ip",
+                ip4,
+                "--uuid",
+                &format!("urn:uuid:{uuid}"),
+                "--name",
+                ns,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting ipycam (run tests/peers/onvif/setup.sh)")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        cam.child = Some(child);
+        let mut lines = BufReader::new(stdout).lines();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(l) = lines.next_line().await? {
+                if l.contains("READY") {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("camera exited")
+        })
+        .await
+        .context("camera start timed out")??;
+        // Keep draining stdout so the camera never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(cam)
+    }
+}
+
+impl Drop for LanCamera {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::process::Command::new(verge_e2e::cluster_script())
+            .args(["lan-host-del", &self.ns])
+            .output();
+    }
+}
+
+fn configuration(name: &str) -> String {
+    let targets: Vec<&str> = CAMERAS.iter().map(|c| c.1).collect();
+    let uuids: Vec<&str> = CAMERAS.iter().map(|c| c.3).collect();
+    format!(
+        r#"apiVersion: akri.sh/v0
+kind: Configuration
+metadata:
+  name: {name}
+spec:
+  discoveryHandler:
+    name: onvif
+    discoveryDetails: |
+      interfaces: [verge-lan, lan0]
+      unicastTargets: [{targets}]
+      uuids: {{action: Include, items: [{uuids}]}}
+      probeIntervalSeconds: 3
+  capacity: 1
+  brokerSpec:
+    brokerPodSpec:
+      containers:
+      - name: broker
+        image: localhost/verge/tool-broker:dev
+        imagePullPolicy: Never
+        command: ["sh", "-c", "echo FFPROBE-START; ffprobe -v error -rtsp_transport tcp -show_entries stream=codec_name -of csv=p=0 \"$ONVIF_STREAM_URI\" && echo FFPROBE-OK && exec verge-test-broker"]
+"#,
+        targets = targets.join(", "),
+        uuids = uuids.join(", "),
+    )
+}
+
+#[tokio::test]
+async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    ensure!(
+        venv_python().exists(),
+        "{} missing: run tests/peers/onvif/setup.sh",
+        venv_python().display()
+    );
+    ensure_crds(&c).await?;
+    let ns = c.namespace("onvif").await?;
+    let ns = ns.name().to_string();
+    let mut cams = Vec::new();
+    for (n, ip4, ip6, uuid) in CAMERAS {
+        cams.push(LanCamera::start(n, ip4, ip6, uuid).await?);
+    }
+    let nodes = c.node_names().await?;
+    let mut agents = Vec::new();
+    for node in &nodes {
+        agents.push(Agent::start(node, &ns, &[]).await?);
+    }
+    let _controller = ControllerProcess::start(&c, &ns, "onvif", &[]).await?;
+    let started = Instant::now();
+    c.apply_yaml(Some(&ns), &configuration("onvif-cam")).await?;
+
+    let api: Api<Instance> = Api::namespaced(c.client(), &ns);
+    let want_nodes: BTreeSet<String> = nodes.iter().cloned().collect();
+    let instances = wait_until(
+        "one Instance per camera, on every node",
+        DEADLINE,
+        || async {
+            let list = api.list(&ListParams::default()).await?.items;
+            let ok = list.len() == CAMERAS.len()
+                && list
+                    .iter()
+                    .all(|i| i.spec.nodes.iter().cloned().collect::<BTreeSet<_>>() == want_nodes);
+            Ok(ok.then_some(list))
+        },
+    )
+    .await?;
+    report_time("ONVIF Configuration → Instances on all nodes", started);
+    for i in &instances {
+        ensure!(i.spec.shared, "shared");
+        let uri = i
+            .spec
+            .broker_properties
+            .get("ONVIF_STREAM_URI")
+            .context("ONVIF_STREAM_URI")?;
+        ensure!(uri.starts_with("rtsp://10.204.0.7"), "{uri}");
+        ensure!(
+            !i.spec
+                .broker_properties
+                .keys()
+                .any(|k| k.to_ascii_lowercase().contains("password"))
+        );
+    }
+
+    let pods: Api<Pod> = Api::namespaced(c.client(), &ns);
+    let logs = wait_until(
+        "brokers that ran ffprobe on their stream",
+        DEADLINE,
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("akri.sh/configuration=onvif-cam"))
+                .await?
+                .items;
+            let mut logs = Vec::new();
+            for p in &list {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let log = c.logs(&ns, &name).await.unwrap_or_default();
+                if log.contains("FFPROBE-OK") {
+                    logs.push(log);
+                }
+            }
+            Ok((logs.len() >= CAMERAS.len()).then_some(logs))
+        },
+    )
+    .await?;
+    report_time("Instances → brokers streamed", started);
+    for l in &logs {
+        ensure!(l.contains("h264"), "ffprobe output in the broker log: {l}");
+    }
+    let env = c
+        .exec(
+            &ns,
+            &pods
+                .list(&ListParams::default().labels("akri.sh/configuration=onvif-cam"))
+                .await?
+                .items[0]
+                .metadata
+                .name
+                .clone()
+                .unwrap_or_default(),
+            &["sh", "-c", "env"],
+        )
+        .await?;
+    ensure!(
+        env.contains("ONVIF_STREAM_URI=rtsp://"),
+        "broker env: {env}"
+    );
+    c.assert_no_multicast_leak().await?;
+    drop(agents);
+    drop(cams);
+    Ok(())
+}
