@@ -125,4 +125,55 @@ pub struct AgentConfig {
     /// Disable the embedded debugEcho handler even when compiled in.
     #[arg(long, env = "DISABLE_DEBUG_ECHO", default_value_t = false)]
     pub disable_debug_echo: bool,
+
+    /// This node's pod network(s), where plain-http handler endpoints are
+    /// accepted, in addition to the Node's `spec.podCIDRs` (CNIs such as
+    /// Calico or Cilium manage pod addresses without filling those in).
+    #[arg(
+        long = "pod-network-cidr",
+        env = "POD_NETWORK_CIDRS",
+        value_delimiter = ','
+    )]
+    pub pod_network_cidrs: Vec<ipnet::IpNet>,
+
+    #[command(flatten)]
+    pub handler_tls: HandlerTlsArgs,
+}
+
+/// How the agent dials `https://` handler endpoints (network handlers outside
+/// the node's pod network must use TLS).
+#[derive(Args, Debug, Clone, Default)]
+pub struct HandlerTlsArgs {
+    /// CA bundle (PEM) that signs the certificates of https:// handler
+    /// endpoints. Unset: the system's trusted roots.
+    #[arg(long, env = "HANDLER_TLS_CA_FILE")]
+    pub handler_tls_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to handlers that require one
+    /// (mutual TLS). Needs --handler-tls-key-file.
+    #[arg(long, env = "HANDLER_TLS_CERT_FILE", requires = "handler_tls_key_file")]
+    pub handler_tls_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --handler-tls-cert-file.
+    #[arg(long, env = "HANDLER_TLS_KEY_FILE", requires = "handler_tls_cert_file")]
+    pub handler_tls_key_file: Option<PathBuf>,
+}
+
+impl HandlerTlsArgs {
+    /// The client TLS settings, or `None` for the defaults (system roots, no
+    /// client certificate). Unreadable or non-PEM files are an error.
+    pub fn client_config(
+        &self,
+    ) -> Result<Option<verge_discovery_sdk::tls::ClientTlsConfig>, verge_discovery_sdk::tls::TlsError>
+    {
+        if self.handler_tls_ca_file.is_none() && self.handler_tls_cert_file.is_none() {
+            return Ok(None);
+        }
+        verge_discovery_sdk::tls::client_config(
+            self.handler_tls_ca_file.as_deref(),
+            self.handler_tls_cert_file.as_deref(),
+            self.handler_tls_key_file.as_deref(),
+        )
+        .map(Some)
+    }
 }

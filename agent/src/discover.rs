@@ -78,6 +78,9 @@ pub struct DiscoverArgs {
     /// Stop after this long (e.g. 10s) and exit by the last list seen.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
+
+    #[command(flatten)]
+    pub tls: crate::config::HandlerTlsArgs,
 }
 
 /// Flags the embedded handlers read from the agent's settings (their env vars
@@ -178,11 +181,14 @@ async fn discover(args: DiscoverArgs) -> Result<u8, Failure> {
     let details = read_details(&args.details)?;
     let properties = parse_properties(&args.properties)?;
     let handler: Arc<dyn DiscoveryHandler> = match &args.endpoint {
-        Some(endpoint) => Arc::new(RemoteHandler::new(
-            args.handler.clone(),
-            args.shared,
-            parse_endpoint(endpoint).map_err(bad)?,
-        )),
+        Some(endpoint) => Arc::new(
+            RemoteHandler::new(
+                args.handler.clone(),
+                args.shared,
+                parse_endpoint(endpoint).map_err(bad)?,
+            )
+            .with_tls(args.tls.client_config().map_err(|e| bad(e.to_string()))?),
+        ),
         None => embedded_handler(&args.handler)?,
     };
     let request = DiscoveryRequest {

@@ -67,6 +67,10 @@ fn init_tracing() {
 #[tokio::main]
 async fn main() -> ExitCode {
     init_tracing();
+    // Embedded handlers can bring a second rustls provider (oxvif's reqwest enables aws-lc-rs);
+    // with two compiled in, rustls cannot choose for kube's client and panics. Choose ring, as
+    // kube and tonic are configured.
+    verge_discovery_sdk::tls::ensure_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(config) => match run(*config).await {
@@ -86,12 +90,16 @@ enum AgentError {
     Client(#[from] kube::Error),
     #[error("cannot serve the registration socket: {0}")]
     Registration(std::io::Error),
+    #[error("handler TLS settings: {0}")]
+    HandlerTls(#[from] verge_discovery_sdk::tls::TlsError),
 }
 
 async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::new();
     let registry = Registry::new(metrics.clone());
+    registry.set_client_tls(config.handler_tls.client_config()?);
+    registry.allow_plain_networks(config.pod_network_cidrs.iter().copied());
     allow_pod_networks(&client, &config.node_name, &registry).await;
     add_embedded_handlers(&registry, &config);
 
@@ -281,17 +289,24 @@ fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
     // ONVIF cameras are network devices: shared.
     #[cfg(feature = "onvif")]
     registry.add_embedded(Arc::new(verge_onvif::Onvif::new(true)));
+    // Announced services are reachable from every node on the link: shared.
+    #[cfg(feature = "mdns")]
+    registry.add_embedded(Arc::new(verge_mdns::Mdns::new(true)));
     // Several nodes may hear one BLE peripheral: shared. Without D-Bus or an
     // adapter it only reports a diagnostic per Configuration, so it is always on.
     #[cfg(feature = "ble")]
     registry.add_embedded(Arc::new(verge_ble::Ble::new()));
+    // Two names because shared-ness is per registration: Modbus TCP units are
+    // reachable from every node (shared), a serial line belongs to this node.
+    #[cfg(feature = "modbus")]
+    {
+        registry.add_embedded(Arc::new(verge_modbus::ModbusTcp::new(true)));
+        registry.add_embedded(Arc::new(verge_modbus::ModbusRtu::new(false)));
+    }
     // USB devices hang off this node's own bus: not shared.
     #[cfg(feature = "usb")]
     registry.add_embedded(Arc::new(verge_usb::Usb::new()));
     #[cfg(feature = "udev")]
     registry.add_embedded(Arc::new(verge_udev::Udev::new()));
-    // Announced services are reachable from every node on the link: shared.
-    #[cfg(feature = "mdns")]
-    registry.add_embedded(Arc::new(verge_mdns::Mdns::new(true)));
     let _ = (registry, config);
 }

@@ -42,6 +42,7 @@ pub struct Registry {
     /// own pod CIDRs (and loopback). Anything else must use TLS, because
     /// Discover requests carry values read from Secrets.
     plain_networks: Mutex<Vec<ipnet::IpNet>>,
+    client_tls: Mutex<Option<verge_discovery_sdk::tls::ClientTlsConfig>>,
     counter: Mutex<u64>,
     changes: watch::Sender<u64>,
     metrics: Arc<Metrics>,
@@ -78,6 +79,7 @@ impl Registry {
                     .parse()
                     .unwrap_or_else(|_| unreachable!("valid CIDR")),
             ]),
+            client_tls: Mutex::new(None),
             counter: Mutex::new(0),
             changes,
             metrics,
@@ -90,6 +92,11 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(networks);
+    }
+
+    /// TLS settings for dialling `https://` handler endpoints registered from now on.
+    pub fn set_client_tls(&self, tls: Option<verge_discovery_sdk::tls::ClientTlsConfig>) {
+        *self.client_tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
     }
 
     /// Subscribes to changes.
@@ -193,7 +200,13 @@ impl Registry {
                 HandlerEndpoint::Network(request.endpoint)
             }
         };
-        let remote = RemoteHandler::new(request.name.clone(), request.shared, endpoint.clone());
+        let tls = self
+            .client_tls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let remote = RemoteHandler::new(request.name.clone(), request.shared, endpoint.clone())
+            .with_tls(tls);
         let generation = self.next_generation();
         tracing::info!(handler = %request.name, %endpoint, shared = request.shared, "handler registered");
         self.insert(

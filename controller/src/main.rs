@@ -45,6 +45,10 @@ use crate::metrics::Metrics;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // When the workspace is built in one go, cargo unifies rustls' features and another crate's
+    // aws-lc-rs provider is compiled in beside ring; rustls then cannot choose for kube's client.
+    // Err only means a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     if let Err(message) = args.validate() {
         eprintln!("verge-controller: {message}");

@@ -331,6 +331,8 @@ impl Cluster {
 
     /// Connects, failing with the reason when the cluster is not reachable.
     pub async fn try_connect() -> Result<Cluster> {
+        // Built with the whole workspace, rustls has two providers compiled in (see the agent).
+        verge_discovery_sdk::tls::ensure_crypto_provider();
         let kubeconfig = kubeconfig_path();
         if !kubeconfig.exists() {
             bail!("no kubeconfig at {}", kubeconfig.display());

@@ -2,7 +2,9 @@
 //! example (`examples/rust-handler`, on the SDK) and the Python example
 //! (`examples/python-handler`, grpcio, a `v0` proto transcribed from the
 //! contract) each run as processes, register with a host-process agent and
-//! produce Instances; killed, their devices stay through the grace; restarted,
+//! produce Instances and broker pods (started by a host-process controller)
+//! whose environment holds the device's properties; killed, their devices stay
+//! through the grace; restarted,
 //! they re-register within a second and the same Instances are kept; when the
 //! agent restarts they re-register within 2 s on their own.
 
@@ -12,12 +14,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
 use verge_e2e::agent::{Agent, ensure_crds};
-use verge_e2e::{Cluster, repo_root, report_time, wait_until};
+use verge_e2e::controller::ControllerProcess;
+use verge_e2e::{BROKER_IMAGE, Cluster, repo_root, report_time, wait_until};
 
 const NODE: &str = "verge-node-1";
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -210,8 +214,54 @@ spec:
     name: {handler}
     discoveryDetails: |
 {details}  capacity: 1
+  brokerSpec:
+    brokerPodSpec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: broker
+        image: {BROKER_IMAGE}
+        imagePullPolicy: Never
+        resources:
+          requests: {{\"{{{{PLACEHOLDER}}}}\": \"1\"}}
+          limits: {{\"{{{{PLACEHOLDER}}}}\": \"1\"}}
 "
     )
+}
+
+/// Waits until `config` has `n` Running broker pods whose logs (the test broker prints its
+/// environment) hold `property`; returns the pods' names.
+async fn wait_brokers(
+    c: &Cluster,
+    ns: &str,
+    config: &str,
+    n: usize,
+    property: &str,
+) -> Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+    let selector = format!("akri.sh/configuration={config}");
+    wait_until(
+        &format!("{n} Running brokers of {config} with {property} in their env"),
+        DEADLINE,
+        || async {
+            let mut ready = Vec::new();
+            for pod in pods.list(&ListParams::default().labels(&selector)).await? {
+                let running =
+                    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                let name = pod.name_any();
+                if running
+                    && c.logs(ns, &name)
+                        .await
+                        .unwrap_or_default()
+                        .lines()
+                        .any(|l| l.starts_with(&format!("{property}=")))
+                {
+                    ready.push(name);
+                }
+            }
+            Ok((ready.len() == n).then_some(ready))
+        },
+    )
+    .await
 }
 
 /// The whole story for one handler. `add_device` makes the handler find one
@@ -221,12 +271,14 @@ async fn handler_lifecycle(
     label: &str,
     spec: HandlerSpec,
     details: &str,
+    property: &str,
     add_device: impl Fn() -> Result<()>,
 ) -> Result<()> {
     ensure_crds(c).await?;
     let ns = c.namespace(&format!("handlers-{label}")).await?;
     let mut agent = Agent::start(NODE, ns.name(), &[]).await?;
     agent.wait_up(DEADLINE).await?;
+    let controller = ControllerProcess::start(c, ns.name(), "ctl", &[]).await?;
     let name = spec.name;
     let log = agent
         .handlers_dir
@@ -244,6 +296,13 @@ async fn handler_lifecycle(
         .await?;
     let uids = wait_instances(c, ns.name(), "ext", 2).await?;
     report_time(&format!("{label}: start → 2 Instances"), t);
+    let brokers = wait_brokers(c, ns.name(), "ext", 2, property)
+        .await
+        .with_context(|| format!("controller log:\n{}", controller.log_tail()))?;
+    report_time(
+        &format!("{label}: start → 2 brokers Running with {property}"),
+        t,
+    );
 
     // Killed: the devices stay through the grace.
     handler.kill().await?;
@@ -336,6 +395,13 @@ async fn handler_lifecycle(
         now.is_superset(&uids),
         "Instances replaced after the agent restart: {uids:?} → {now:?}"
     );
+    // Every device has its broker, and the first brokers were never replaced.
+    let all = wait_brokers(c, ns.name(), "ext", 4, property).await?;
+    report_time(&format!("{label}: agent restart → 4 brokers Running"), t);
+    ensure!(
+        brokers.iter().all(|b| all.contains(b)),
+        "brokers replaced across the restarts: {brokers:?} → {all:?}"
+    );
 
     handler.kill().await?;
     agent.stop().await?;
@@ -387,7 +453,7 @@ async fn rust_example_handler_lifecycle() -> Result<()> {
         program,
         args: vec![],
     };
-    let result = handler_lifecycle(&c, "rust", spec, &details, add).await;
+    let result = handler_lifecycle(&c, "rust", spec, &details, "FILE_GLOB_PATH", add).await;
     let _ = std::fs::remove_dir_all(&files);
     result
 }
@@ -421,7 +487,7 @@ async fn python_example_handler_lifecycle() -> Result<()> {
         program: python,
         args: vec![script.display().to_string()],
     };
-    let result = handler_lifecycle(&c, "python", spec, &details, add).await;
+    let result = handler_lifecycle(&c, "python", spec, &details, "INVENTORY_ADDRESS", add).await;
     let _ = std::fs::remove_dir_all(&files);
     result
 }

@@ -6,21 +6,15 @@ use std::sync::Arc;
 
 use clap::Parser;
 use verge_debug_echo::{DEFAULT_AVAILABILITY_FILE, DebugEcho};
-use verge_discovery_sdk::runner::ServeEndpoint;
-use verge_discovery_sdk::{
-    DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, Runner, RunnerConfig,
-};
+use verge_discovery_sdk::Runner;
+use verge_discovery_sdk::cli::ServeArgs;
 
 /// Serve the debugEcho discovery handler and register it with the node's agent.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Directory of the agent's registration socket.
-    #[arg(long, env = DISCOVERY_HANDLERS_DIRECTORY_ENV, default_value = DEFAULT_DISCOVERY_HANDLERS_DIRECTORY)]
-    directory: PathBuf,
-    /// Socket to serve on (default: <directory>/debugEcho.sock).
-    #[arg(long, env = "DEBUG_ECHO_SOCKET")]
-    socket: Option<PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Availability file used when a Configuration names none.
     #[arg(long, env = "DEBUG_ECHO_AVAILABILITY_FILE", default_value = DEFAULT_AVAILABILITY_FILE)]
     availability_file: PathBuf,
@@ -39,11 +33,13 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let handler = Arc::new(DebugEcho::new(args.availability_file, !args.not_shared));
-    let mut config = RunnerConfig::from_env();
-    config.directory = args.directory;
-    if let Some(socket) = args.socket {
-        config.endpoint = ServeEndpoint::Uds(socket);
-    }
+    let config = match args.serve.runner_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("verge-debug-echo-discovery: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match Runner::new(handler, config).run_until_signal().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -21,12 +21,14 @@
 //! }
 //! ```
 
+pub mod cli;
 pub mod filter;
 pub mod handler;
 pub mod remote;
 pub mod runner;
 pub mod server;
 pub mod settings;
+pub mod tls;
 pub mod uds;
 
 pub use filter::{FilterAction, FilterList};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use verge_device_plugin_proto::v0::DiscoverRequest;
 use verge_device_plugin_proto::v0::discovery_handler_client::DiscoveryHandlerClient;
 
@@ -41,6 +41,7 @@ pub struct RemoteHandler {
     shared: bool,
     endpoint: HandlerEndpoint,
     connect_timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl RemoteHandler {
@@ -51,7 +52,15 @@ impl RemoteHandler {
             shared,
             endpoint,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
         }
+    }
+
+    /// TLS settings for an `https://` endpoint (without them: the system roots, no client
+    /// certificate). Ignored for unix sockets and `http://`.
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Changes the connect timeout.
@@ -68,12 +77,20 @@ impl RemoteHandler {
     async fn channel(
         endpoint: HandlerEndpoint,
         timeout: Duration,
+        tls: Option<ClientTlsConfig>,
     ) -> Result<Channel, DiscoveryError> {
         let result = match &endpoint {
             HandlerEndpoint::Uds(path) => uds::connect(path, timeout).await,
             HandlerEndpoint::Network(uri) => {
-                let ep = tonic::transport::Endpoint::from_shared(uri.clone())
+                let mut ep = tonic::transport::Endpoint::from_shared(uri.clone())
                     .map_err(|e| DiscoveryError::Transport(format!("{endpoint}: {e}")))?;
+                if uri.starts_with("https://") {
+                    crate::tls::ensure_crypto_provider();
+                    let tls = tls.unwrap_or_else(|| ClientTlsConfig::new().with_enabled_roots());
+                    ep = ep
+                        .tls_config(tls)
+                        .map_err(|e| DiscoveryError::Transport(format!("{endpoint}: {e}")))?;
+                }
                 ep.connect_timeout(timeout).connect().await
             }
         };
@@ -96,8 +113,9 @@ impl DiscoveryHandler for RemoteHandler {
     ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
         let endpoint = self.endpoint.clone();
         let timeout = self.connect_timeout;
+        let tls = self.tls.clone();
         Box::pin(async move {
-            let channel = Self::channel(endpoint, timeout).await?;
+            let channel = Self::channel(endpoint, timeout, tls).await?;
             let mut client = DiscoveryHandlerClient::new(channel);
             let response = client.discover(DiscoverRequest::from(request)).await?;
             let stream = response.into_inner().map(|item| {

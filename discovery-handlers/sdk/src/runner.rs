@@ -36,7 +36,8 @@ pub enum ServeEndpoint {
     DefaultUds,
     /// A unix socket at this path.
     Uds(PathBuf),
-    /// A TCP address to bind, and the `http://<ip>:<port>` URL the agent should dial.
+    /// A TCP address to bind, and the `http://<ip>:<port>` URL the agent should dial
+    /// (`https://` when [`RunnerConfig::tls`] is set).
     Network {
         /// Address to listen on.
         bind: SocketAddr,
@@ -62,6 +63,9 @@ pub struct RunnerConfig {
     pub register_timeout: Duration,
     /// Override of the handler's own `shared` declaration.
     pub shared: Option<bool>,
+    /// Serve a network endpoint over TLS (see [`crate::tls::server_config`]). Required by the
+    /// agent for endpoints outside its node's pod network.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for RunnerConfig {
@@ -74,6 +78,7 @@ impl Default for RunnerConfig {
             watch_interval: DEFAULT_WATCH_INTERVAL,
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             shared: None,
+            tls: None,
         }
     }
 }
@@ -108,6 +113,9 @@ pub enum RunnerError {
     /// The gRPC server failed.
     #[error("discovery server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The settings contradict each other.
+    #[error("{0}")]
+    Config(String),
 }
 
 type ServeFuture =
@@ -136,7 +144,31 @@ impl Runner {
         let name = self.handler.name().to_string();
         let shared = self.config.shared.unwrap_or_else(|| self.handler.shared());
         let service = DiscoveryService::new(self.handler.clone()).into_server();
-        let router = tonic::transport::Server::builder().add_service(service);
+        let mut server = tonic::transport::Server::builder();
+        match (&self.config.endpoint, &self.config.tls) {
+            (ServeEndpoint::Network { advertise, .. }, Some(tls)) => {
+                if !advertise.starts_with("https://") {
+                    return Err(RunnerError::Config(format!(
+                        "serving TLS but advertising {advertise:?}: advertise https://<ip>:<port>"
+                    )));
+                }
+                server = server.tls_config(tls.clone())?;
+            }
+            (ServeEndpoint::Network { advertise, .. }, None)
+                if advertise.starts_with("https://") =>
+            {
+                return Err(RunnerError::Config(format!(
+                    "advertising {advertise:?} needs a TLS certificate and key"
+                )));
+            }
+            (_, Some(_)) if !matches!(self.config.endpoint, ServeEndpoint::Network { .. }) => {
+                return Err(RunnerError::Config(
+                    "TLS applies to network endpoints only, not unix sockets".to_string(),
+                ));
+            }
+            _ => {}
+        }
+        let router = server.add_service(service);
 
         let (serve, request, socket_path) = match &self.config.endpoint {
             ServeEndpoint::Network { bind, advertise } => {

@@ -5575,7 +5575,10 @@ mod tests {
         let waker = std::sync::Arc::new(
             mio::Waker::new(poller.registry(), mio::Token(super::WAKER_EVENT_KEY)).unwrap(),
         );
-        (super::Zeroconf::new(waker, poller, port, sender, Vec::new()), receiver)
+        (
+            super::Zeroconf::new(waker, poller, port, sender, Vec::new()),
+            receiver,
+        )
     }
 
     fn recv_status(receiver: &flume::Receiver<super::DaemonStatus>) -> super::DaemonStatus {
