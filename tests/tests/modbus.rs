@@ -56,9 +56,16 @@ impl LanServer {
             .spawn()
             .context("pymodbus server (run tests/peers/modbus/setup.sh)")?;
         let server = LanServer { child: Some(child) };
-        wait_until("pymodbus listening in the LAN namespace", Duration::from_secs(30), || async {
-            Ok(tokio::net::TcpStream::connect((IP4, PORT)).await.ok().map(|_| ()))
-        })
+        wait_until(
+            "pymodbus listening in the LAN namespace",
+            Duration::from_secs(30),
+            || async {
+                Ok(tokio::net::TcpStream::connect((IP4, PORT))
+                    .await
+                    .ok()
+                    .map(|_| ()))
+            },
+        )
         .await?;
         Ok(server)
     }
@@ -125,7 +132,8 @@ async fn modbus_units_become_instances_with_brokers_reading_registers() -> Resul
     let agent = Agent::start(&node, &ns, &[]).await?;
     let _controller = ControllerProcess::start(&c, &ns, "modbus", &[]).await?;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &configuration("modbus-e2e")).await?;
+    c.apply_yaml(Some(&ns), &configuration("modbus-e2e"))
+        .await?;
 
     let api: Api<Instance> = Api::namespaced(c.client(), &ns);
     let instances = wait_until("two Modbus Instances", DEADLINE, || async {
@@ -135,50 +143,90 @@ async fn modbus_units_become_instances_with_brokers_reading_registers() -> Resul
     .await?;
     report_time("Modbus Configuration → Instances", started);
     let unit = |u: &str| {
-        instances
-            .iter()
-            .find(|i| i.spec.broker_properties.get("MODBUS_UNIT_ID").map(String::as_str) == Some(u))
+        instances.iter().find(|i| {
+            i.spec
+                .broker_properties
+                .get("MODBUS_UNIT_ID")
+                .map(String::as_str)
+                == Some(u)
+        })
     };
     let i1 = unit("1").context("Instance of unit 1")?;
     let p1 = &i1.spec.broker_properties;
     ensure!(i1.spec.shared, "modbus-tcp devices are shared");
-    ensure!(p1.get("MODBUS_TRANSPORT").map(String::as_str) == Some("tcp"), "{p1:?}");
-    ensure!(p1.get("MODBUS_HOST").map(String::as_str) == Some(IP4), "{p1:?}");
-    ensure!(p1.get("MODBUS_PORT").map(String::as_str) == Some("502"), "{p1:?}");
-    ensure!(p1.get("MODBUS_VENDOR").map(String::as_str) == Some("Verge"), "{p1:?}");
-    ensure!(p1.get("MODBUS_PRODUCT_CODE").map(String::as_str) == Some("E2E-1"), "{p1:?}");
-    ensure!(p1.get("MODBUS_MODEL").map(String::as_str) == Some("E2E-Model"), "{p1:?}");
+    ensure!(
+        p1.get("MODBUS_TRANSPORT").map(String::as_str) == Some("tcp"),
+        "{p1:?}"
+    );
+    ensure!(
+        p1.get("MODBUS_HOST").map(String::as_str) == Some(IP4),
+        "{p1:?}"
+    );
+    ensure!(
+        p1.get("MODBUS_PORT").map(String::as_str) == Some("502"),
+        "{p1:?}"
+    );
+    ensure!(
+        p1.get("MODBUS_VENDOR").map(String::as_str) == Some("Verge"),
+        "{p1:?}"
+    );
+    ensure!(
+        p1.get("MODBUS_PRODUCT_CODE").map(String::as_str) == Some("E2E-1"),
+        "{p1:?}"
+    );
+    ensure!(
+        p1.get("MODBUS_MODEL").map(String::as_str) == Some("E2E-Model"),
+        "{p1:?}"
+    );
     let i2 = unit("2").context("Instance of unit 2")?;
     let p2 = &i2.spec.broker_properties;
-    ensure!(p2.get("MODBUS_PROBE").map(String::as_str) == Some("e2e-probe"), "{p2:?}");
+    ensure!(
+        p2.get("MODBUS_PROBE").map(String::as_str) == Some("e2e-probe"),
+        "{p2:?}"
+    );
     ensure!(!p2.contains_key("MODBUS_VENDOR"), "{p2:?}");
 
     let pods: Api<Pod> = Api::namespaced(c.client(), &ns);
     for (u, value, vendor, probe) in [("1", 4242, "Verge", ""), ("2", 777, "", "e2e-probe")] {
-        let (pod, log) = wait_until(&format!("broker of unit {u} read its register"), DEADLINE, || async {
-            let list = pods
-                .list(&ListParams::default().labels("akri.sh/configuration=modbus-e2e"))
-                .await?
-                .items;
-            for p in &list {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let log = c.logs(&ns, &name).await.unwrap_or_default();
-                if log.contains(&format!("unit={u} ")) && log.contains("MODBUS-REGISTER") {
-                    return Ok(Some((name, log)));
+        let (pod, log) = wait_until(
+            &format!("broker of unit {u} read its register"),
+            DEADLINE,
+            || async {
+                let list = pods
+                    .list(&ListParams::default().labels("akri.sh/configuration=modbus-e2e"))
+                    .await?
+                    .items;
+                for p in &list {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let log = c.logs(&ns, &name).await.unwrap_or_default();
+                    if log.contains(&format!("unit={u} ")) && log.contains("MODBUS-REGISTER") {
+                        return Ok(Some((name, log)));
+                    }
                 }
-            }
-            Ok(None)
-        })
+                Ok(None)
+            },
+        )
         .await?;
-        report_time(&format!("Instance → broker of unit {u} read a register"), started);
+        report_time(
+            &format!("Instance → broker of unit {u} read a register"),
+            started,
+        );
         println!("broker {pod} log:\n{log}");
         ensure!(
-            log.contains(&format!("MODBUS-ENV host={IP4} port=502 unit={u} vendor={vendor} probe={probe}")),
+            log.contains(&format!(
+                "MODBUS-ENV host={IP4} port=502 unit={u} vendor={vendor} probe={probe}"
+            )),
             "broker env: {log}"
         );
-        ensure!(log.contains(&format!("MODBUS-REGISTER bytes=11 value={value}")), "register read: {log}");
+        ensure!(
+            log.contains(&format!("MODBUS-REGISTER bytes=11 value={value}")),
+            "register read: {log}"
+        );
         let env = c.exec(&ns, &pod, &["sh", "-c", "env"]).await?;
-        ensure!(env.contains(&format!("MODBUS_UNIT_ID={u}")), "broker env: {env}");
+        ensure!(
+            env.contains(&format!("MODBUS_UNIT_ID={u}")),
+            "broker env: {env}"
+        );
         ensure!(env.contains("MODBUS_TRANSPORT=tcp"), "broker env: {env}");
     }
     drop(agent);
