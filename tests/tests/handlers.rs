@@ -253,7 +253,8 @@ async fn wait_brokers(
                         .await
                         .unwrap_or_default()
                         .lines()
-                        .any(|l| l.starts_with(&format!("{property}=")))
+                        // NAME_<INSTANCE HASH>=…: the agent suffixes every property (Akri's naming).
+                        .any(|l| l.starts_with(&format!("{property}_")) && l.contains('='))
                 {
                     ready.push(name);
                 }

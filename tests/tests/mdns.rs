@@ -129,7 +129,10 @@ spec:
       - name: broker
         image: localhost/verge/tool-broker:dev
         imagePullPolicy: Never
-        command: ["sh", "-c", "A=${{MDNS_ADDRESSES%%,*}}; echo \"MDNS-ENV instance=$MDNS_INSTANCE host=$MDNS_HOSTNAME addr=$A port=$MDNS_PORT model=$MDNS_TXT_MODEL\"; R=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 10 nc $A $MDNS_PORT | head -1); echo \"MDNS-CONNECT $R\"; exec verge-test-broker"]
+        resources:
+          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
+          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
+        command: ["sh", "-c", ". /usr/bin/device-env; A=${{MDNS_ADDRESSES%%,*}}; echo \"MDNS-ENV instance=$MDNS_INSTANCE host=$MDNS_HOSTNAME addr=$A port=$MDNS_PORT model=$MDNS_TXT_MODEL\"; R=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 10 nc $A $MDNS_PORT | head -1); echo \"MDNS-CONNECT $R\"; exec verge-test-broker"]
 "#
     )
 }
@@ -215,7 +218,9 @@ async fn mdns_service_becomes_instance_with_connecting_broker() -> Result<()> {
         log.contains("MDNS-CONNECT HTTP/1.0 200"),
         "broker reached the announced host:port: {log}"
     );
-    let env = c.exec(&ns, &pod, &["sh", "-c", "env"]).await?;
+    let env = c
+        .exec(&ns, &pod, &["sh", "-c", ". /usr/bin/device-env; env"])
+        .await?;
     ensure!(
         env.contains(&format!("MDNS_PORT={HTTP_PORT}")),
         "broker env: {env}"

@@ -85,7 +85,7 @@ impl Drop for LanServer {
 fn configuration(name: &str) -> String {
     // Read Holding Registers (0x03), address 0, count 1; the unit id byte as an octal escape.
     // stdin stays open 2 s so nc is still reading when the answer comes.
-    let script = r#"U=$(printf '%03o' $MODBUS_UNIT_ID); echo "MODBUS-ENV host=$MODBUS_HOST port=$MODBUS_PORT unit=$MODBUS_UNIT_ID vendor=$MODBUS_VENDOR probe=$MODBUS_PROBE"; B=$( (printf "\000\001\000\000\000\006\\$U\003\000\000\000\001"; sleep 2) | timeout 5 nc $MODBUS_HOST $MODBUS_PORT | od -An -tu1); set -- $B; echo "MODBUS-REGISTER bytes=$# value=$(( ${10:-0} * 256 + ${11:-0} ))"; exec verge-test-broker"#;
+    let script = r#". /usr/bin/device-env; U=$(printf '%03o' $MODBUS_UNIT_ID); echo "MODBUS-ENV host=$MODBUS_HOST port=$MODBUS_PORT unit=$MODBUS_UNIT_ID vendor=$MODBUS_VENDOR probe=$MODBUS_PROBE"; B=$( (printf "\000\001\000\000\000\006\\$U\003\000\000\000\001"; sleep 2) | timeout 5 nc $MODBUS_HOST $MODBUS_PORT | od -An -tu1); set -- $B; echo "MODBUS-REGISTER bytes=$# value=$(( ${10:-0} * 256 + ${11:-0} ))"; exec verge-test-broker"#;
     format!(
         r#"apiVersion: akri.sh/v0
 kind: Configuration
@@ -108,6 +108,9 @@ spec:
       - name: broker
         image: localhost/verge/tool-broker:dev
         imagePullPolicy: Never
+        resources:
+          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
+          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
         command: ["sh", "-c", {script:?}]
 "#
     )
@@ -222,7 +225,9 @@ async fn modbus_units_become_instances_with_brokers_reading_registers() -> Resul
             log.contains(&format!("MODBUS-REGISTER bytes=11 value={value}")),
             "register read: {log}"
         );
-        let env = c.exec(&ns, &pod, &["sh", "-c", "env"]).await?;
+        let env = c
+            .exec(&ns, &pod, &["sh", "-c", ". /usr/bin/device-env; env"])
+            .await?;
         ensure!(
             env.contains(&format!("MODBUS_UNIT_ID={u}")),
             "broker env: {env}"

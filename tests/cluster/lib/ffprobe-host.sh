@@ -7,4 +7,7 @@ if [ ! -x /host/usr/bin/ffprobe ]; then
 	echo "ffprobe: mount the node's /usr at /host/usr (hostPath, readOnly) to use it" >&2
 	exit 127
 fi
-exec "$lib/ld-linux-x86-64.so.2" --library-path "$lib" /host/usr/bin/ffprobe "$@"
+# Debian puts a few of its libraries in subdirectories (and reaches blas/lapack through
+# /etc/alternatives symlinks, which are not mounted): search those directly.
+path="$lib:$lib/pulseaudio:$lib/blas:$lib/lapack"
+exec "$lib/ld-linux-x86-64.so.2" --library-path "$path" /host/usr/bin/ffprobe "$@"

@@ -128,7 +128,15 @@ spec:
       - name: broker
         image: localhost/verge/tool-broker:dev
         imagePullPolicy: Never
-        command: ["sh", "-c", "echo FFPROBE-START; ffprobe -v error -rtsp_transport tcp -show_entries stream=codec_name -of csv=p=0 \"$ONVIF_STREAM_URI\" && echo FFPROBE-OK && exec verge-test-broker"]
+        resources:
+          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
+          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
+        command: ["sh", "-c", ". /usr/bin/device-env; echo FFPROBE-START; ffprobe -v error -rtsp_transport tcp -show_entries stream=codec_name -of csv=p=0 \"$ONVIF_STREAM_URI\" && echo FFPROBE-OK && exec verge-test-broker"]
+        # ffprobe in the tool broker runs the node's own (see tests/cluster/lib/ffprobe-host.sh).
+        volumeMounts:
+        - {{name: host-usr, mountPath: /host/usr, readOnly: true}}
+      volumes:
+      - {{name: host-usr, hostPath: {{path: /usr, type: Directory}}}}
 "#,
         targets = targets.join(", "),
         uuids = uuids.join(", "),
@@ -213,7 +221,21 @@ async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
             Ok((logs.len() >= CAMERAS.len()).then_some(logs))
         },
     )
-    .await?;
+    .await;
+    let logs = match logs {
+        Ok(logs) => logs,
+        Err(e) => {
+            let mut why = String::new();
+            let selector = ListParams::default().labels("akri.sh/configuration=onvif-cam");
+            for p in pods.list(&selector).await?.items {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+                let log = c.logs(&ns, &name).await.unwrap_or_default();
+                why += &format!("\n--- {name} ({phase}):\n{log}");
+            }
+            return Err(e.context(format!("broker pods:{why}")));
+        }
+    };
     report_time("Instances → brokers streamed", started);
     for l in &logs {
         ensure!(l.contains("h264"), "ffprobe output in the broker log: {l}");
@@ -229,7 +251,7 @@ async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
                 .name
                 .clone()
                 .unwrap_or_default(),
-            &["sh", "-c", "env"],
+            &["sh", "-c", ". /usr/bin/device-env; env"],
         )
         .await?;
     ensure!(

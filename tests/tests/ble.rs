@@ -1,5 +1,3 @@
-//! DRAFT, not compiled: move to tests/tests/ble.rs once the broker step passes (the Instance step
-//! passes in 0.22 s; no broker pod appeared within 120 s, not yet diagnosed).
 //! Bluetooth LE on the test cluster (issue 10): python-dbusmock's BlueZ template on a private
 //! system bus (its own dbus-daemon) with one adapter and one advertising peripheral, a
 //! host-process agent with the embedded `ble` handler pointed at that bus
@@ -161,6 +159,9 @@ spec:
       - name: broker
         image: localhost/verge/test-broker:dev
         imagePullPolicy: Never
+        resources:
+          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
+          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
 "#
     )
 }
@@ -230,13 +231,19 @@ async fn ble_peripheral_becomes_instance_with_broker_env() -> Result<()> {
     })
     .await?;
     report_time("Instance → broker with BLE env", started);
-    for needle in [
-        format!("BLE_ADDRESS={ADDRESS}"),
-        format!("BLE_NAME={NAME}"),
-        "BLE_ADAPTER=hci0".to_string(),
-        "BLE_MANUFACTURER_ID=0x0059".to_string(),
+    // The agent names each property NAME_<INSTANCE HASH> (Akri's naming).
+    for (name, value) in [
+        ("BLE_ADDRESS", ADDRESS),
+        ("BLE_NAME", NAME),
+        ("BLE_ADAPTER", "hci0"),
+        ("BLE_MANUFACTURER_ID", "0x0059"),
     ] {
-        ensure!(log.contains(&needle), "broker env lacks {needle}: {log}");
+        ensure!(
+            log.lines().any(|l| l
+                .split_once('=')
+                .is_some_and(|(k, v)| k.starts_with(&format!("{name}_")) && v == value)),
+            "broker env lacks {name}={value}: {log}"
+        );
     }
     drop(agent);
     drop(bluez);
