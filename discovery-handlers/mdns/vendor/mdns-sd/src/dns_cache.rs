@@ -897,4 +897,3 @@ fn apply_cache_flush(
         }
     });
 }
-

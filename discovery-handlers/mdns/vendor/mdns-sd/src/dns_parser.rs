@@ -2870,4 +2870,3 @@ fn get_expiration_time(created: Instant, ttl: u32, percent: u32) -> Instant {
     // ttl * 1000 * (percent / 100) => ttl * percent * 10
     created + Duration::from_millis(ttl as u64 * percent as u64 * 10)
 }
-

@@ -5496,4 +5496,3 @@ fn resolve_addr_to_index(if_kind: IfKind, interfaces: &[Interface]) -> IfKind {
     }
     if_kind
 }
-
