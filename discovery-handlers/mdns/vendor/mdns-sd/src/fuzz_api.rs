@@ -19,6 +19,26 @@ fn fuzz_interface_id() -> InterfaceId {
     }
 }
 
+/// Verge: parses one raw packet exactly as `ServiceDaemon` does, and nothing more: what the
+/// handler needs is that no packet panics or hangs the parser. (`parse_packet` below also asserts
+/// upstream's stricter invariants, one of which a 19-byte packet breaks: a header declaring one
+/// question whose name holds a 0xff label parses with zero questions. Harmless to us — the
+/// question is simply not answered — and kept as a known upstream finding, see VERGE-PATCH.md.)
+pub fn parse_only(data: &[u8]) {
+    match DnsIncoming::new(data.to_vec(), fuzz_interface_id()) {
+        Ok(msg) => {
+            let _ = (
+                msg.questions().len(),
+                msg.authorities().len(),
+                msg.additionals().len(),
+            );
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+}
+
 /// Parses one raw packet, the way `ServiceDaemon` parses bytes read off a UDP
 /// socket, and checks the invariants that hold for any packet that parses.
 ///
