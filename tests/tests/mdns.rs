@@ -56,6 +56,18 @@ impl LanService {
             .spawn()
             .context("http.server")?;
         svc.children.push(http);
+        // The service must answer before it is announced: a broker connects once, at start.
+        verge_e2e::wait_until(
+            "the LAN HTTP server listening",
+            Duration::from_secs(60),
+            || async {
+                Ok(tokio::net::TcpStream::connect(format!("{IP4}:{HTTP_PORT}"))
+                    .await
+                    .ok()
+                    .map(|_| ()))
+            },
+        )
+        .await?;
         let mut publisher = Command::new("ip")
             .args(["netns", "exec", LAN_NS])
             .arg(venv_python())
