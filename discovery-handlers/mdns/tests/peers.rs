@@ -220,9 +220,9 @@ impl Handler {
                         _ = &mut stop_rx => break,
                     }
                 }
+                // Dropping the stream, then the runtime, drops the browse task, whose guard
+                // shuts its daemon down.
                 drop(stream);
-                // Let the browse task shut its daemon down before the runtime goes.
-                tokio::time::sleep(Duration::from_millis(50)).await;
             });
         });
         Handler {
@@ -702,17 +702,23 @@ fn never_multicasts_out_of_the_default_route_interface() {
     );
 
     // The guard does count: an unpatched-style daemon (no initial selection) joins there.
-    let handle = in_netns(&tb.q, || {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let handle = in_netns(&tb.q, move || {
         let d = mdns_sd::ServiceDaemon::new().expect("daemon");
         let _rx = d.browse("_http._tcp.local.").expect("browse");
-        std::thread::sleep(Duration::from_secs(2));
+        // Browses until the test has seen its multicast (or given up).
+        let _ = stopped.recv_timeout(DEADLINE);
         let _ = d.shutdown();
     });
+    let end = Instant::now() + DEADLINE;
+    let mut counted = tb.uplink_multicast();
+    while counted == 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        counted = tb.uplink_multicast();
+    }
+    let _ = stop.send(());
     handle.join().expect("join");
-    assert!(
-        tb.uplink_multicast() > 0,
-        "the guard must see a plain mdns-sd daemon"
-    );
+    assert!(counted > 0, "the guard must see a plain mdns-sd daemon");
 }
 
 /// A DNS name in wire format.
