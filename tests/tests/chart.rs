@@ -109,6 +109,14 @@ async fn chart_lints_and_schema_rejects_misspelt_values() -> Result<()> {
             "controller.logFormat=xml",
             "value must be one of 'text', 'json'",
         ),
+        (
+            "modbus.configuration.discoveryHandlerName=modbus",
+            "value must be one of 'modbus-tcp', 'modbus-rtu'",
+        ),
+        (
+            "ble.configuration.discoveryDetails.minRsi=-70",
+            "additional properties 'minRsi' not allowed",
+        ),
     ] {
         let out = run(
             &helm_path(),
@@ -125,6 +133,68 @@ async fn chart_lints_and_schema_rejects_misspelt_values() -> Result<()> {
     }
     Ok(())
 }
+
+/// The agent's host access follows the enabled protocols: host network for multicast (onvif,
+/// mdns) and uevents (usb, udev), /run/udev for uevents, the system D-Bus only for ble.
+#[tokio::test]
+async fn agent_host_access_follows_enabled_protocols() -> Result<()> {
+    if !have_helm() {
+        return Ok(());
+    }
+    for (block, host_network, run_udev, run_dbus) in [
+        ("debugEcho", false, false, false),
+        ("modbus", false, false, false),
+        ("ble", false, false, true),
+        ("onvif", true, false, false),
+        ("mdns", true, false, false),
+        ("usb", true, true, false),
+        ("udev", true, true, false),
+    ] {
+        let set = format!("{block}.discovery.enabled=true");
+        let out = run(
+            &helm_path(),
+            &[
+                "template",
+                "t",
+                &chart(),
+                "--set",
+                &set,
+                "--show-only",
+                "templates/agent.yaml",
+            ],
+            None,
+        )
+        .await?;
+        ensure!(out.status.success(), "{set}: {}", out.stderr);
+        let agent = out.stdout;
+        for (what, expected, present) in [
+            (
+                "hostNetwork",
+                host_network,
+                agent.contains("hostNetwork: true"),
+            ),
+            (
+                "/run/udev",
+                run_udev,
+                agent.contains("mountPath: /run/udev"),
+            ),
+            (
+                "/run/dbus",
+                run_dbus,
+                agent.contains("mountPath: /run/dbus"),
+            ),
+        ] {
+            ensure!(
+                present == expected,
+                "--set {set}: {what} expected {expected}, rendered {present}:\n{agent}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The protocol handlers' chart blocks (each creates a Configuration when enabled).
+const PROTOCOL_BLOCKS: [&str; 6] = ["onvif", "usb", "udev", "modbus", "ble", "mdns"];
 
 /// Values enabling every block the chart has (monitoring aside: it needs the Prometheus
 /// Operator's CRDs, which the test cluster does not have; it is rendered separately).
@@ -151,8 +221,15 @@ fn every_block(ns: &str) -> Vec<String> {
         "agent.tolerations[0].operator=Exists",
         "agent.priorityClassName=system-node-critical",
     ]
-    .iter()
-    .map(|s| s.to_string())
+    .into_iter()
+    .map(str::to_string)
+    .chain(PROTOCOL_BLOCKS.iter().flat_map(|block| {
+        [
+            format!("{block}.discovery.enabled=true"),
+            format!("{block}.configuration.enabled=true"),
+            format!("{block}.configuration.name=chart-all-{block}"),
+        ]
+    }))
     .chain([
         format!("agent.watchNamespace={ns}"),
         format!("controller.watchNamespace={ns}"),
@@ -201,8 +278,8 @@ async fn chart_renders_manifests_the_cluster_accepts() -> Result<()> {
         }
         if what == "every block" {
             ensure!(
-                out.matches("configuration.akri.sh/").count() == 2,
-                "expected two Configurations: {out}"
+                out.matches("configuration.akri.sh/").count() == 2 + PROTOCOL_BLOCKS.len(),
+                "expected a Configuration per block: {out}"
             );
             ensure!(
                 out.contains("daemonset.apps/verge-e2e-chart-custom-discovery"),
