@@ -1,26 +1,19 @@
 //! `verge-mdns-discovery`: the mdns handler as an external `v0` handler.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use verge_discovery_sdk::runner::ServeEndpoint;
-use verge_discovery_sdk::{
-    DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, Runner, RunnerConfig,
-};
+use verge_discovery_sdk::cli::ServeArgs;
 use verge_mdns::Mdns;
 
 /// Serve the mdns discovery handler and register it with the node's agent.
 #[derive(Parser, Debug)]
-#[command(version)]
+// --socket keeps reading $MDNS_SOCKET, the variable it had before the shared flags.
+#[command(version, mut_arg("socket", |a| a.env("MDNS_SOCKET")))]
 struct Args {
-    /// Directory of the agent's registration socket.
-    #[arg(long, env = DISCOVERY_HANDLERS_DIRECTORY_ENV, default_value = DEFAULT_DISCOVERY_HANDLERS_DIRECTORY)]
-    directory: PathBuf,
-    /// Socket to serve on (default: <directory>/mdns.sock).
-    #[arg(long, env = "MDNS_SOCKET")]
-    socket: Option<PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Declare the devices node-local instead of shared.
     #[arg(long, env = "MDNS_NOT_SHARED")]
     not_shared: bool,
@@ -36,16 +29,5 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let handler = Arc::new(Mdns::new(!args.not_shared));
-    let mut config = RunnerConfig::from_env();
-    config.directory = args.directory;
-    if let Some(socket) = args.socket {
-        config.endpoint = ServeEndpoint::Uds(socket);
-    }
-    match Runner::new(handler, config).run_until_signal().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("verge-mdns-discovery: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    args.serve.serve("verge-mdns-discovery", handler).await
 }

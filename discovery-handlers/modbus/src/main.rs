@@ -1,15 +1,14 @@
 //! `verge-modbus-discovery`: `modbus-tcp` and/or `modbus-rtu` as external `v0` handlers.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, ValueEnum};
-use verge_discovery_sdk::{
-    DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, DiscoveryHandler,
-    Runner, RunnerConfig,
-};
+use clap::{CommandFactory, Parser, ValueEnum};
+use verge_discovery_sdk::cli::ServeArgs;
+use verge_discovery_sdk::{DiscoveryHandler, Runner};
 use verge_modbus::{ModbusRtu, ModbusTcp};
+
+const PROGRAM: &str = "verge-modbus-discovery";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Transport {
@@ -18,13 +17,13 @@ enum Transport {
     Both,
 }
 
-/// Serve the Modbus discovery handlers and register them with the node's agent.
+/// Serve the Modbus discovery handlers and register them with the node's agent
+/// (each on <directory>/<name>.sock unless --socket or --listen serves the one chosen).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = PROGRAM, version)]
 struct Args {
-    /// Directory of the agent's registration socket (each handler serves <directory>/<name>.sock).
-    #[arg(long, env = DISCOVERY_HANDLERS_DIRECTORY_ENV, default_value = DEFAULT_DISCOVERY_HANDLERS_DIRECTORY)]
-    directory: PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Which handlers to serve: modbus-tcp, modbus-rtu or both.
     #[arg(long, env = "MODBUS_TRANSPORTS", value_enum, default_value = "both")]
     transport: Transport,
@@ -39,16 +38,44 @@ async fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    let mut handlers: Vec<Arc<dyn DiscoveryHandler>> = Vec::new();
-    if args.transport != Transport::Rtu {
-        handlers.push(Arc::new(ModbusTcp::default()));
+    if args.transport == Transport::Both
+        && (args.serve.socket.is_some() || args.serve.listen.is_some())
+    {
+        // One socket or address cannot serve two handlers.
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--socket and --listen serve one handler: give --transport tcp or rtu",
+            )
+            .exit();
     }
-    if args.transport != Transport::Tcp {
-        handlers.push(Arc::new(ModbusRtu::default()));
-    }
+    let handlers: [Arc<dyn DiscoveryHandler>; 2] = match args.transport {
+        Transport::Tcp => {
+            return args
+                .serve
+                .serve(PROGRAM, Arc::new(ModbusTcp::default()))
+                .await;
+        }
+        Transport::Rtu => {
+            return args
+                .serve
+                .serve(PROGRAM, Arc::new(ModbusRtu::default()))
+                .await;
+        }
+        Transport::Both => [
+            Arc::new(ModbusTcp::default()),
+            Arc::new(ModbusRtu::default()),
+        ],
+    };
+    let config = match args.serve.runner_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{PROGRAM}: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runs = handlers.into_iter().map(|h| {
-        let mut config = RunnerConfig::from_env();
-        config.directory = args.directory.clone();
+        let config = config.clone();
         let name = h.name().to_string();
         async move { (name, Runner::new(h, config).run_until_signal().await) }
     });
@@ -57,7 +84,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("verge-modbus-discovery ({name}): {e}");
+            eprintln!("{PROGRAM} ({name}): {e}");
             ExitCode::FAILURE
         }
     }

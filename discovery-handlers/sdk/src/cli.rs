@@ -20,11 +20,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args;
 
 use crate::runner::ServeEndpoint;
-use crate::{DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, RunnerConfig};
+use crate::{
+    DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, DiscoveryHandler,
+    Runner, RunnerConfig,
+};
 
 /// Environment variable a handler pod sets from the downward API (`status.podIP`), used to
 /// advertise a network endpoint when `--listen` binds every address.
@@ -126,6 +131,27 @@ impl ServeArgs {
             )?);
         }
         Ok(config)
+    }
+
+    /// Serves `handler` as these flags say until SIGINT or SIGTERM: the rest of an external
+    /// handler binary's `main` once it has parsed its flags. Flags that make no configuration
+    /// exit with 2 (as clap does for bad flags), a failed runner with 1; `program` names the
+    /// binary in the message.
+    pub async fn serve(&self, program: &str, handler: Arc<dyn DiscoveryHandler>) -> ExitCode {
+        let config = match self.runner_config() {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match Runner::new(handler, config).run_until_signal().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 

@@ -1,26 +1,19 @@
 //! `verge-udev-discovery`: the udev handler as an external `v0` handler.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use verge_discovery_sdk::runner::ServeEndpoint;
-use verge_discovery_sdk::{
-    DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, Runner, RunnerConfig,
-};
+use verge_discovery_sdk::cli::ServeArgs;
 use verge_udev::Udev;
 
 /// Serve the udev discovery handler and register it with the node's agent.
 #[derive(Parser, Debug)]
-#[command(version)]
+// --socket keeps reading $UDEV_DISCOVERY_SOCKET, the variable it had before the shared flags.
+#[command(version, mut_arg("socket", |a| a.env("UDEV_DISCOVERY_SOCKET")))]
 struct Args {
-    /// Directory of the agent's registration socket.
-    #[arg(long, env = DISCOVERY_HANDLERS_DIRECTORY_ENV, default_value = DEFAULT_DISCOVERY_HANDLERS_DIRECTORY)]
-    directory: PathBuf,
-    /// Socket to serve on (default: <directory>/udev.sock).
-    #[arg(long, env = "UDEV_DISCOVERY_SOCKET")]
-    socket: Option<PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[tokio::main]
@@ -31,20 +24,8 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
-    let mut config = RunnerConfig::from_env();
-    config.directory = args.directory;
-    if let Some(socket) = args.socket {
-        config.endpoint = ServeEndpoint::Uds(socket);
-    }
-    match Runner::new(Arc::new(Udev::new()), config)
-        .run_until_signal()
+    Args::parse()
+        .serve
+        .serve("verge-udev-discovery", Arc::new(Udev::new()))
         .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("verge-udev-discovery: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -1,26 +1,19 @@
 //! `verge-usb-discovery`: the usb handler as an external `v0` handler.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use verge_discovery_sdk::runner::ServeEndpoint;
-use verge_discovery_sdk::{
-    DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, Runner, RunnerConfig,
-};
+use verge_discovery_sdk::cli::ServeArgs;
 use verge_usb::Usb;
 
 /// Serve the usb discovery handler and register it with the node's agent.
 #[derive(Parser, Debug)]
-#[command(version)]
+// --socket keeps reading $USB_DISCOVERY_SOCKET, the variable it had before the shared flags.
+#[command(version, mut_arg("socket", |a| a.env("USB_DISCOVERY_SOCKET")))]
 struct Args {
-    /// Directory of the agent's registration socket.
-    #[arg(long, env = DISCOVERY_HANDLERS_DIRECTORY_ENV, default_value = DEFAULT_DISCOVERY_HANDLERS_DIRECTORY)]
-    directory: PathBuf,
-    /// Socket to serve on (default: <directory>/usb.sock).
-    #[arg(long, env = "USB_DISCOVERY_SOCKET")]
-    socket: Option<PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[tokio::main]
@@ -31,20 +24,8 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
-    let mut config = RunnerConfig::from_env();
-    config.directory = args.directory;
-    if let Some(socket) = args.socket {
-        config.endpoint = ServeEndpoint::Uds(socket);
-    }
-    match Runner::new(Arc::new(Usb::new()), config)
-        .run_until_signal()
+    Args::parse()
+        .serve
+        .serve("verge-usb-discovery", Arc::new(Usb::new()))
         .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("verge-usb-discovery: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
