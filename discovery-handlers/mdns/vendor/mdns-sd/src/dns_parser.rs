@@ -452,6 +452,12 @@ impl DnsEntryExt for DnsQuestion {
 /// A DNS Resource Record - like a DNS entry, but has a TTL.
 /// RFC: https://www.rfc-editor.org/rfc/rfc1035#section-3.2.1
 ///      https://www.rfc-editor.org/rfc/rfc1035#section-4.1.3
+/// Verge patch: how long a record is kept after its goodbye (TTL 0). RFC 6762 §10.1 keeps it one
+/// second so that another responder can correct a mistaken goodbye; responders answer within
+/// 20–120 ms (§6), so a quarter second still leaves room for the correction while a withdrawn
+/// device disappears well within a second.
+pub const GOODBYE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(Debug, Clone)]
 pub struct DnsRecord {
     pub(crate) entry: DnsEntry,
@@ -569,6 +575,13 @@ impl DnsRecord {
         self.created
     }
 
+    /// Verge patch: a record received with TTL 0 (a goodbye) expires `GOODBYE_GRACE` after it
+    /// arrived instead of upstream's full second (RFC 6762 §10.1's TTL of 1).
+    pub(crate) fn expire_after_goodbye(&mut self) {
+        self.expires = self.created + GOODBYE_GRACE;
+        self.refresh = self.expires;
+    }
+
     /// Set the expiration time
     fn set_expire(&mut self, expire_at: Instant) {
         self.expires = expire_at;
@@ -609,6 +622,11 @@ impl DnsRecord {
             // then we set refresh to the same time as expires.
             self.expires
         };
+        // Verge patch: a goodbye keeps its shorter expiry (see `expire_after_goodbye`).
+        if other.expires < self.expires {
+            self.expires = other.expires;
+            self.refresh = self.refresh.min(self.expires);
+        }
     }
 
     /// Modify TTL to reflect the remaining life time from `now`.
@@ -2428,7 +2446,8 @@ impl DnsIncoming {
             let ty = u16_from_be_slice(&slice[..2]);
             let class = u16_from_be_slice(&slice[2..4]);
             let mut ttl = u32_from_be_slice(&slice[4..8]);
-            if ttl == 0 && self.is_response() {
+            let goodbye = ttl == 0 && self.is_response();
+            if goodbye {
                 // RFC 6762 section 10.1:
                 // "...Queriers receiving a Multicast DNS response with a TTL of zero SHOULD
                 // NOT immediately delete the record from the cache, but instead record
@@ -2453,7 +2472,10 @@ impl DnsIncoming {
             // malformed RDATA must not discard the whole message: skip just
             // that record and resume at the next one using RDLENGTH.
             match self.read_rdata(ty, class, ttl, rdata_len, &name) {
-                Ok(Some(record)) => {
+                Ok(Some(mut record)) => {
+                    if goodbye {
+                        record.get_record_mut().expire_after_goodbye();
+                    }
                     if self.offset == next_offset {
                         trace!("read_rr_records: {:?}", record);
                         rr_records.push(record);
