@@ -21,6 +21,15 @@ use verge_e2e::Cluster;
 
 /// Namespace of the chart release; the agent and controller serve only this one.
 pub const NS: &str = "verge-system";
+/// Cargo profile of the binaries in the images the benchmarks install: release, as users run it,
+/// unless `VERGE_IMAGE_PROFILE` says otherwise (`debug` to compare with the test images).
+pub fn image_profile() -> &'static str {
+    match std::env::var("VERGE_IMAGE_PROFILE").as_deref() {
+        Ok("debug") => "debug",
+        _ => "release",
+    }
+}
+
 /// Helm release name `tests/cluster/cluster install` uses.
 pub const RELEASE: &str = "verge";
 /// Label on every object the benchmark creates, so cleanup finds them all.
@@ -129,7 +138,14 @@ impl Installation {
             active: true,
             log: log.clone(),
         };
-        let out = verge_e2e::run(&verge_e2e::cluster_script(), &args, None).await?;
+        // The profile goes through `env`: setting our own environment is unsound once tokio runs.
+        let profile = format!("VERGE_IMAGE_PROFILE={}", image_profile());
+        let script = verge_e2e::cluster_script().display().to_string();
+        let env_args: Vec<&str> = [profile.as_str(), script.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let out = verge_e2e::run(Path::new("/usr/bin/env"), &env_args, None).await?;
         let _ = std::fs::write(
             &log,
             format!("{}\n--- stderr ---\n{}", out.stdout, out.stderr),

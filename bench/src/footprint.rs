@@ -186,26 +186,21 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
     let config_api: Api<verge_crds::Configuration> = Api::namespaced(ctx.client(), NS);
     let _ = config_api.delete(CONFIG, &Default::default()).await;
 
-    // Sizes: the images hold dev-profile binaries (`cluster images`); release builds if present.
+    // Sizes of the binaries in the images (the profile `cluster images` built) and of the images.
     let target = target_dir();
+    let profile = crate::common::image_profile();
     let images = std::env::var_os("HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_default()
         .join(".cache/verge/images");
     let mut sizes = serde_json::Map::new();
+    let agent_bin = format!("agent binary ({profile}, in image)");
+    let controller_bin = format!("controller binary ({profile}, in image)");
     for (k, p) in [
+        (agent_bin.as_str(), target.join(profile).join("verge-agent")),
         (
-            "agent binary (debug, in image)",
-            target.join("debug/verge-agent"),
-        ),
-        (
-            "controller binary (debug, in image)",
-            target.join("debug/verge-controller"),
-        ),
-        ("agent binary (release)", target.join("release/verge-agent")),
-        (
-            "controller binary (release)",
-            target.join("release/verge-controller"),
+            controller_bin.as_str(),
+            target.join(profile).join("verge-controller"),
         ),
         ("agent image tarball", images.join("agent.tar")),
         ("controller image tarball", images.join("controller.tar")),
@@ -237,7 +232,7 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
         extra: serde_json::json!({"sizes": sizes, "loaded_after_s": loaded_after}),
         notes: vec![
             "RSS = VmRSS summed over the container's processes (/proc, found by container id in /proc/<pid>/cgroup); CPU = (utime+stime) over the window".into(),
-            "images carry dev-profile binaries (tests/cluster/cluster images builds the debug profile)".into(),
+            format!("images carry {profile}-profile binaries (VERGE_IMAGE_PROFILE of tests/cluster/cluster images)"),
         ],
     };
     report.finish(&ctx.out_dir, &plot)?;
