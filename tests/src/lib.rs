@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod protocol;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -4,33 +4,23 @@
 //! (`DBUS_SYSTEM_BUS_ADDRESS`), and the controller. A Configuration gives an Instance with the
 //! BLE properties, and a broker pod whose environment holds them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
-use verge_e2e::agent::{Agent, ensure_crds};
+use verge_e2e::agent::Agent;
 use verge_e2e::controller::ControllerProcess;
-use verge_e2e::{Cluster, report_time, wait_until};
+use verge_e2e::protocol::{ProtocolConfiguration, ProtocolTest, broker_logs};
+use verge_e2e::{report_time, wait_until};
 
 const NODE: &str = "verge-node-1";
 const DEADLINE: Duration = Duration::from_secs(120);
 const ADDRESS: &str = "C0:FF:EE:00:10:01";
 const NAME: &str = "Verge-E2E-Thermo";
-
-fn venv_python() -> PathBuf {
-    std::env::var_os("VERGE_BLE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/verge/venv-ble")
-        })
-        .join("bin/python")
-}
 
 /// A private bus with the mocked BlueZ; both processes and the socket go on drop.
 struct MockBluez {
@@ -40,7 +30,7 @@ struct MockBluez {
 }
 
 impl MockBluez {
-    async fn start() -> Result<Self> {
+    async fn start(python: &Path) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("verge-e2e-ble-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let address = format!("unix:path={}", dir.join("bus").display());
@@ -65,7 +55,7 @@ impl MockBluez {
         })
         .await?;
         m.children.push(
-            Command::new(venv_python())
+            Command::new(python)
                 .args(["-m", "dbusmock", "--system", "--template", "bluez5"])
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &m.address)
                 .stdout(Stdio::null())
@@ -140,46 +130,22 @@ impl Drop for MockBluez {
     }
 }
 
-fn configuration(name: &str) -> String {
-    format!(
-        r#"apiVersion: akri.sh/v0
-kind: Configuration
-metadata:
-  name: {name}
-spec:
-  discoveryHandler:
-    name: ble
-    discoveryDetails: |
-      serviceUuids: {{action: Include, items: ["181a"]}}
-      localName: {{action: Include, items: ["Verge-E2E-*"], match: Glob}}
-  capacity: 1
-  brokerSpec:
-    brokerPodSpec:
-      containers:
-      - name: broker
-        image: localhost/verge/test-broker:dev
-        imagePullPolicy: Never
-        resources:
-          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
-          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
-"#
+fn configuration(name: &str) -> ProtocolConfiguration {
+    ProtocolConfiguration::new(
+        name,
+        "ble",
+        "serviceUuids: {action: Include, items: [\"181a\"]}\n\
+         localName: {action: Include, items: [\"Verge-E2E-*\"], match: Glob}\n",
     )
 }
 
 #[tokio::test]
 async fn ble_peripheral_becomes_instance_with_broker_env() -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = ProtocolTest::start("ble").await? else {
         return Ok(());
     };
-    ensure!(
-        venv_python().exists(),
-        "{} missing: run tests/peers/ble/setup.sh",
-        venv_python().display()
-    );
-    ensure_crds(&c).await?;
-    let ns = c.namespace("ble").await?;
-    let ns = ns.name().to_string();
-    let bluez = MockBluez::start().await?;
+    let (c, ns) = (&t.cluster, t.namespace.name().to_string());
+    let bluez = MockBluez::start(&t.python).await?;
     let agent = Agent::start_with_env(
         NODE,
         &ns,
@@ -187,10 +153,9 @@ async fn ble_peripheral_becomes_instance_with_broker_env() -> Result<()> {
         &[("DBUS_SYSTEM_BUS_ADDRESS", &bluez.address)],
     )
     .await?;
-    let _controller = ControllerProcess::start(&c, &ns, "ble", &[]).await?;
+    let _controller = ControllerProcess::start(c, &ns, "ble", &[]).await?;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &configuration("ble-thermo"))
-        .await?;
+    configuration("ble-thermo").apply(c, &ns).await?;
 
     let api: Api<Instance> = Api::namespaced(c.client(), &ns);
     let instances = wait_until("the BLE Instance", DEADLINE, || async {
@@ -214,20 +179,9 @@ async fn ble_peripheral_becomes_instance_with_broker_env() -> Result<()> {
     ensure!(get("BLE_MANUFACTURER_ID") == "0x0059", "{p:?}");
     ensure!(get("BLE_ADAPTER") == "hci0", "{p:?}");
 
-    let pods: Api<Pod> = Api::namespaced(c.client(), &ns);
     let log = wait_until("a broker printing the BLE env", DEADLINE, || async {
-        let list = pods
-            .list(&ListParams::default().labels("akri.sh/configuration=ble-thermo"))
-            .await?
-            .items;
-        for p in &list {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let log = c.logs(&ns, &name).await.unwrap_or_default();
-            if log.contains("BLE_ADDRESS") {
-                return Ok(Some(log));
-            }
-        }
-        Ok(None)
+        let found = broker_logs(c, &ns, "ble-thermo", |log| log.contains("BLE_ADDRESS")).await?;
+        Ok(found.into_iter().next().map(|(_, log)| log))
     })
     .await?;
     report_time("Instance → broker with BLE env", started);

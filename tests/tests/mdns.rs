@@ -7,19 +7,19 @@
 //! it read and the server's answer before starting the test broker. No multicast leaves by eth0.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
-use verge_e2e::agent::{Agent, ensure_crds};
+use verge_e2e::agent::Agent;
 use verge_e2e::controller::ControllerProcess;
-use verge_e2e::{Cluster, cluster_cmd, repo_root, report_time, wait_until};
+use verge_e2e::protocol::{LanHost, ProtocolConfiguration, ProtocolTest, broker_logs};
+use verge_e2e::{repo_root, report_time, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const LAN_NS: &str = "vg-mdns-1";
@@ -28,26 +28,22 @@ const IP6: &str = "fd00:204::110";
 const HTTP_PORT: &str = "8110";
 const INSTANCE: &str = "Verge E2E Web";
 
-fn venv_python() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-        .join(".cache/verge/venv-mdns/bin/python")
-}
-
-/// The LAN namespace with an HTTP server and its zeroconf announcement; removed on drop.
+/// The LAN namespace with an HTTP server and its zeroconf announcement; removed on drop
+/// (the processes first: fields drop in order).
 struct LanService {
     children: Vec<Child>,
+    _lan: LanHost,
 }
 
 impl LanService {
-    async fn start() -> Result<Self> {
-        let _ = cluster_cmd(&["lan-host-del", LAN_NS]).await;
-        cluster_cmd(&["lan-host", LAN_NS, IP4, IP6]).await?;
+    async fn start(python: &Path) -> Result<Self> {
         let mut svc = LanService {
             children: Vec::new(),
+            _lan: LanHost::create(LAN_NS, &[IP4, IP6]).await?,
         };
         let http = Command::new("ip")
             .args(["netns", "exec", LAN_NS])
-            .arg(venv_python())
+            .arg(python)
             .args(["-m", "http.server", "--bind", IP4, HTTP_PORT])
             .current_dir(std::env::temp_dir())
             .stdout(Stdio::null())
@@ -70,7 +66,7 @@ impl LanService {
         .await?;
         let mut publisher = Command::new("ip")
             .args(["netns", "exec", LAN_NS])
-            .arg(venv_python())
+            .arg(python)
             .arg(repo_root().join("tests/peers/mdns/publish.py"))
             .args([
                 "--name",
@@ -110,67 +106,34 @@ impl LanService {
     }
 }
 
-impl Drop for LanService {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.start_kill();
-        }
-        let _ = std::process::Command::new(verge_e2e::cluster_script())
-            .args(["lan-host-del", LAN_NS])
-            .output();
-    }
-}
-
-fn configuration(name: &str) -> String {
-    format!(
-        r#"apiVersion: akri.sh/v0
-kind: Configuration
-metadata:
-  name: {name}
-spec:
-  discoveryHandler:
-    name: mdns
-    discoveryDetails: |
-      serviceTypes: [_http._tcp]
-      interfaces: {{action: Include, items: [verge-lan, lan0]}}
-      instanceNames: {{action: Include, items: ["glob:Verge E2E*"]}}
-  capacity: 1
-  brokerSpec:
-    brokerPodSpec:
-      containers:
-      - name: broker
-        image: localhost/verge/tool-broker:dev
-        imagePullPolicy: Never
-        resources:
-          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
-          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
-        command: ["sh", "-c", ". /usr/bin/device-env; A=${{MDNS_ADDRESSES%%,*}}; echo \"MDNS-ENV instance=$MDNS_INSTANCE host=$MDNS_HOSTNAME addr=$A port=$MDNS_PORT model=$MDNS_TXT_MODEL\"; R=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 10 nc $A $MDNS_PORT | head -1); echo \"MDNS-CONNECT $R\"; exec verge-test-broker"]
-"#
+fn configuration(name: &str) -> ProtocolConfiguration {
+    ProtocolConfiguration::new(
+        name,
+        "mdns",
+        "serviceTypes: [_http._tcp]\n\
+         interfaces: {action: Include, items: [verge-lan, lan0]}\n\
+         instanceNames: {action: Include, items: [\"glob:Verge E2E*\"]}\n",
+    )
+    .shell(
+        r#". /usr/bin/device-env; A=${MDNS_ADDRESSES%%,*}; echo "MDNS-ENV instance=$MDNS_INSTANCE host=$MDNS_HOSTNAME addr=$A port=$MDNS_PORT model=$MDNS_TXT_MODEL"; R=$(printf 'GET / HTTP/1.0\r\n\r\n' | timeout 10 nc $A $MDNS_PORT | head -1); echo "MDNS-CONNECT $R"; exec verge-test-broker"#,
     )
 }
 
 #[tokio::test]
 async fn mdns_service_becomes_instance_with_connecting_broker() -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = ProtocolTest::start("mdns").await? else {
         return Ok(());
     };
-    ensure!(
-        venv_python().exists(),
-        "{} missing: run tests/peers/mdns/setup.sh",
-        venv_python().display()
-    );
-    ensure_crds(&c).await?;
-    let ns = c.namespace("mdns").await?;
-    let ns = ns.name().to_string();
-    let svc = LanService::start().await?;
+    let (c, ns) = (&t.cluster, t.namespace.name().to_string());
+    let svc = LanService::start(&t.python).await?;
     let nodes = c.node_names().await?;
     let mut agents = Vec::new();
     for node in &nodes {
         agents.push(Agent::start(node, &ns, &[]).await?);
     }
-    let _controller = ControllerProcess::start(&c, &ns, "mdns", &[]).await?;
+    let _controller = ControllerProcess::start(c, &ns, "mdns", &[]).await?;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &configuration("mdns-web")).await?;
+    configuration("mdns-web").apply(c, &ns).await?;
 
     let api: Api<Instance> = Api::namespaced(c.client(), &ns);
     let want_nodes: BTreeSet<String> = nodes.iter().cloned().collect();
@@ -198,23 +161,12 @@ async fn mdns_service_becomes_instance_with_connecting_broker() -> Result<()> {
         "{p:?}"
     );
 
-    let pods: Api<Pod> = Api::namespaced(c.client(), &ns);
     let (pod, log) = wait_until(
         "a broker that connected to the service",
         DEADLINE,
         || async {
-            let list = pods
-                .list(&ListParams::default().labels("akri.sh/configuration=mdns-web"))
-                .await?
-                .items;
-            for p in &list {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let log = c.logs(&ns, &name).await.unwrap_or_default();
-                if log.contains("MDNS-CONNECT") {
-                    return Ok(Some((name, log)));
-                }
-            }
-            Ok(None)
+            let found = broker_logs(c, &ns, "mdns-web", |log| log.contains("MDNS-CONNECT")).await?;
+            Ok(found.into_iter().next())
         },
     )
     .await?;

@@ -5,38 +5,34 @@
 //! of its unit with a hand-built Modbus TCP frame (printf | nc | od) from MODBUS_HOST,
 //! MODBUS_PORT and MODBUS_UNIT_ID, prints the value, then runs the test broker.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
-use verge_e2e::agent::{Agent, ensure_crds};
+use verge_e2e::agent::Agent;
 use verge_e2e::controller::ControllerProcess;
-use verge_e2e::{Cluster, cluster_cmd, repo_root, report_time, wait_until};
+use verge_e2e::protocol::{LanHost, ProtocolConfiguration, ProtocolTest, broker_logs};
+use verge_e2e::{repo_root, report_time, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const LAN_NS: &str = "vg-mb-1";
 const IP4: &str = "10.204.0.90";
 const PORT: u16 = 502;
 
-fn venv_python() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-        .join(".cache/verge/venv-modbus/bin/python")
-}
-
-/// The LAN namespace with the pymodbus server; removed on drop.
+/// The LAN namespace with the pymodbus server; removed on drop (the server first: fields drop
+/// in order).
 struct LanServer {
-    child: Option<Child>,
+    _child: Child,
+    _lan: LanHost,
 }
 
 impl LanServer {
-    async fn start() -> Result<Self> {
-        let _ = cluster_cmd(&["lan-host-del", LAN_NS]).await;
-        cluster_cmd(&["lan-host", LAN_NS, IP4]).await?;
+    async fn start(python: &Path) -> Result<Self> {
+        let lan = LanHost::create(LAN_NS, &[IP4]).await?;
         let spec = serde_json::json!({
             "tcp": format!("{IP4}:{PORT}"),
             "missing": "gateway",
@@ -47,7 +43,7 @@ impl LanServer {
         });
         let child = Command::new("ip")
             .args(["netns", "exec", LAN_NS])
-            .arg(venv_python())
+            .arg(python)
             .arg(repo_root().join("tests/peers/modbus/server.py"))
             .arg(spec.to_string())
             .stdout(Stdio::null())
@@ -55,7 +51,10 @@ impl LanServer {
             .kill_on_drop(true)
             .spawn()
             .context("pymodbus server (run tests/peers/modbus/setup.sh)")?;
-        let server = LanServer { child: Some(child) };
+        let server = LanServer {
+            _child: child,
+            _lan: lan,
+        };
         wait_until(
             "pymodbus listening in the LAN namespace",
             Duration::from_secs(30),
@@ -71,72 +70,34 @@ impl LanServer {
     }
 }
 
-impl Drop for LanServer {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.start_kill();
-        }
-        let _ = std::process::Command::new(verge_e2e::cluster_script())
-            .args(["lan-host-del", LAN_NS])
-            .output();
-    }
-}
-
-fn configuration(name: &str) -> String {
+fn configuration(name: &str) -> ProtocolConfiguration {
     // Read Holding Registers (0x03), address 0, count 1; the unit id byte as an octal escape.
     // stdin stays open 2 s so nc is still reading when the answer comes.
     let script = r#". /usr/bin/device-env; U=$(printf '%03o' $MODBUS_UNIT_ID); echo "MODBUS-ENV host=$MODBUS_HOST port=$MODBUS_PORT unit=$MODBUS_UNIT_ID vendor=$MODBUS_VENDOR probe=$MODBUS_PROBE"; B=$( (printf "\000\001\000\000\000\006\\$U\003\000\000\000\001"; sleep 2) | timeout 5 nc $MODBUS_HOST $MODBUS_PORT | od -An -tu1); set -- $B; echo "MODBUS-REGISTER bytes=$# value=$(( ${10:-0} * 256 + ${11:-0} ))"; exec verge-test-broker"#;
-    format!(
-        r#"apiVersion: akri.sh/v0
-kind: Configuration
-metadata:
-  name: {name}
-spec:
-  discoveryHandler:
-    name: modbus-tcp
-    discoveryDetails: |
-      hosts: [{IP4}]
-      unitIds: ["1-3"]
-      requestTimeoutMillis: 500
-      rescanIntervalSeconds: 5
-      probes:
-      - {{name: e2e-probe, kind: holdingRegisters, address: 0, expect: [777]}}
-  capacity: 1
-  brokerSpec:
-    brokerPodSpec:
-      containers:
-      - name: broker
-        image: localhost/verge/tool-broker:dev
-        imagePullPolicy: Never
-        resources:
-          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
-          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
-        command: ["sh", "-c", {script:?}]
-"#
-    )
+    let details = format!(
+        "hosts: [{IP4}]\n\
+         unitIds: [\"1-3\"]\n\
+         requestTimeoutMillis: 500\n\
+         rescanIntervalSeconds: 5\n\
+         probes:\n\
+         - {{name: e2e-probe, kind: holdingRegisters, address: 0, expect: [777]}}\n"
+    );
+    ProtocolConfiguration::new(name, "modbus-tcp", &details).shell(script)
 }
 
 #[tokio::test]
 async fn modbus_units_become_instances_with_brokers_reading_registers() -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = ProtocolTest::start("modbus").await? else {
         return Ok(());
     };
-    ensure!(
-        venv_python().exists(),
-        "{} missing: run tests/peers/modbus/setup.sh",
-        venv_python().display()
-    );
-    ensure_crds(&c).await?;
-    let ns = c.namespace("modbus").await?;
-    let ns = ns.name().to_string();
-    let server = LanServer::start().await?;
+    let (c, ns) = (&t.cluster, t.namespace.name().to_string());
+    let server = LanServer::start(&t.python).await?;
     let nodes = c.node_names().await?;
     let node = nodes.first().context("no nodes")?.clone();
     let agent = Agent::start(&node, &ns, &[]).await?;
-    let _controller = ControllerProcess::start(&c, &ns, "modbus", &[]).await?;
+    let _controller = ControllerProcess::start(c, &ns, "modbus", &[]).await?;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &configuration("modbus-e2e"))
-        .await?;
+    configuration("modbus-e2e").apply(c, &ns).await?;
 
     let api: Api<Instance> = Api::namespaced(c.client(), &ns);
     let instances = wait_until("two Modbus Instances", DEADLINE, || async {
@@ -189,24 +150,16 @@ async fn modbus_units_become_instances_with_brokers_reading_registers() -> Resul
     );
     ensure!(!p2.contains_key("MODBUS_VENDOR"), "{p2:?}");
 
-    let pods: Api<Pod> = Api::namespaced(c.client(), &ns);
     for (u, value, vendor, probe) in [("1", 4242, "Verge", ""), ("2", 777, "", "e2e-probe")] {
         let (pod, log) = wait_until(
             &format!("broker of unit {u} read its register"),
             DEADLINE,
             || async {
-                let list = pods
-                    .list(&ListParams::default().labels("akri.sh/configuration=modbus-e2e"))
-                    .await?
-                    .items;
-                for p in &list {
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    let log = c.logs(&ns, &name).await.unwrap_or_default();
-                    if log.contains(&format!("unit={u} ")) && log.contains("MODBUS-REGISTER") {
-                        return Ok(Some((name, log)));
-                    }
-                }
-                Ok(None)
+                let found = broker_logs(c, &ns, "modbus-e2e", |log| {
+                    log.contains(&format!("unit={u} ")) && log.contains("MODBUS-REGISTER")
+                })
+                .await?;
+                Ok(found.into_iter().next())
             },
         )
         .await?;

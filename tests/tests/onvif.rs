@@ -7,7 +7,7 @@
 //! cameras are also listed as unicast targets.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,10 @@ use kube::api::{Api, ListParams};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
-use verge_e2e::agent::{Agent, ensure_crds};
+use verge_e2e::agent::Agent;
 use verge_e2e::controller::ControllerProcess;
-use verge_e2e::{Cluster, cluster_cmd, repo_root, report_time, wait_until};
+use verge_e2e::protocol::{LanHost, ProtocolConfiguration, ProtocolTest, broker_logs};
+use verge_e2e::{repo_root, report_time, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const CAMERAS: [(&str, &str, &str, &str); 2] = [
@@ -37,29 +38,23 @@ const CAMERAS: [(&str, &str, &str, &str); 2] = [
     ),
 ];
 
-fn venv_python() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-        .join(".cache/verge/venv-onvif/bin/python")
-}
-
-/// A device-LAN namespace with an ipycam camera; both removed on drop.
+/// A device-LAN namespace with an ipycam camera; both removed on drop (the camera first: fields
+/// drop in order).
 struct LanCamera {
-    ns: String,
     child: Option<Child>,
+    _lan: LanHost,
 }
 
 impl LanCamera {
-    async fn start(ns: &str, ip4: &str, ip6: &str, uuid: &str) -> Result<Self> {
-        let _ = cluster_cmd(&["lan-host-del", ns]).await;
-        cluster_cmd(&["lan-host", ns, ip4, ip6]).await?;
+    async fn start(python: &Path, ns: &str, ip4: &str, ip6: &str, uuid: &str) -> Result<Self> {
         let mut cam = LanCamera {
-            ns: ns.into(),
             child: None,
+            _lan: LanHost::create(ns, &[ip4, ip6]).await?,
         };
         let log = std::fs::File::create(format!("/tmp/verge-e2e-{ns}.log"))?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
-            .arg(venv_python())
+            .arg(python)
             .arg("-u")
             .arg(repo_root().join("tests/peers/onvif/camera.py"))
             .args([
@@ -94,80 +89,41 @@ impl LanCamera {
     }
 }
 
-impl Drop for LanCamera {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.start_kill();
-        }
-        let _ = std::process::Command::new(verge_e2e::cluster_script())
-            .args(["lan-host-del", &self.ns])
-            .output();
-    }
-}
-
-fn configuration(name: &str) -> String {
+fn configuration(name: &str) -> ProtocolConfiguration {
     let targets: Vec<&str> = CAMERAS.iter().map(|c| c.1).collect();
     let uuids: Vec<&str> = CAMERAS.iter().map(|c| c.3).collect();
-    format!(
-        r#"apiVersion: akri.sh/v0
-kind: Configuration
-metadata:
-  name: {name}
-spec:
-  discoveryHandler:
-    name: onvif
-    discoveryDetails: |
-      interfaces: [verge-lan, lan0]
-      unicastTargets: [{targets}]
-      uuids: {{action: Include, items: [{uuids}]}}
-      probeIntervalSeconds: 3
-  capacity: 1
-  brokerSpec:
-    brokerPodSpec:
-      containers:
-      - name: broker
-        image: localhost/verge/tool-broker:dev
-        imagePullPolicy: Never
-        resources:
-          requests: {{"{{{{PLACEHOLDER}}}}": "1"}}
-          limits: {{"{{{{PLACEHOLDER}}}}": "1"}}
-        command: ["sh", "-c", ". /usr/bin/device-env; echo FFPROBE-START; ffprobe -v error -rtsp_transport tcp -show_entries stream=codec_name -of csv=p=0 \"$ONVIF_STREAM_URI\" && echo FFPROBE-OK && exec verge-test-broker"]
-        # ffprobe in the tool broker runs the node's own (see tests/cluster/lib/ffprobe-host.sh).
-        volumeMounts:
-        - {{name: host-usr, mountPath: /host/usr, readOnly: true}}
-      volumes:
-      - {{name: host-usr, hostPath: {{path: /usr, type: Directory}}}}
-"#,
+    let details = format!(
+        "interfaces: [verge-lan, lan0]\n\
+         unicastTargets: [{targets}]\n\
+         uuids: {{action: Include, items: [{uuids}]}}\n\
+         probeIntervalSeconds: 3\n",
         targets = targets.join(", "),
         uuids = uuids.join(", "),
-    )
+    );
+    ProtocolConfiguration::new(name, "onvif", &details)
+        .shell(r#". /usr/bin/device-env; echo FFPROBE-START; ffprobe -v error -rtsp_transport tcp -show_entries stream=codec_name -of csv=p=0 "$ONVIF_STREAM_URI" && echo FFPROBE-OK && exec verge-test-broker"#)
+        // ffprobe in the tool broker runs the node's own (see tests/cluster/lib/ffprobe-host.sh).
+        .host_path("host-usr", "/usr", "/host/usr")
 }
 
 #[tokio::test]
 async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = ProtocolTest::start("onvif").await? else {
         return Ok(());
     };
-    ensure!(
-        venv_python().exists(),
-        "{} missing: run tests/peers/onvif/setup.sh",
-        venv_python().display()
-    );
-    ensure_crds(&c).await?;
-    let ns = c.namespace("onvif").await?;
-    let ns = ns.name().to_string();
+    let (c, ns) = (&t.cluster, t.namespace.name().to_string());
     let mut cams = Vec::new();
     for (n, ip4, ip6, uuid) in CAMERAS {
-        cams.push(LanCamera::start(n, ip4, ip6, uuid).await?);
+        cams.push(LanCamera::start(&t.python, n, ip4, ip6, uuid).await?);
     }
     let nodes = c.node_names().await?;
     let mut agents = Vec::new();
     for node in &nodes {
         agents.push(Agent::start(node, &ns, &[]).await?);
     }
-    let _controller = ControllerProcess::start(&c, &ns, "onvif", &[]).await?;
+    let _controller = ControllerProcess::start(c, &ns, "onvif", &[]).await?;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &configuration("onvif-cam")).await?;
+    configuration("onvif-cam").apply(c, &ns).await?;
 
     let api: Api<Instance> = Api::namespaced(c.client(), &ns);
     let want_nodes: BTreeSet<String> = nodes.iter().cloned().collect();
@@ -206,18 +162,8 @@ async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
         "brokers that ran ffprobe on their stream",
         DEADLINE,
         || async {
-            let list = pods
-                .list(&ListParams::default().labels("akri.sh/configuration=onvif-cam"))
-                .await?
-                .items;
-            let mut logs = Vec::new();
-            for p in &list {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let log = c.logs(&ns, &name).await.unwrap_or_default();
-                if log.contains("FFPROBE-OK") {
-                    logs.push(log);
-                }
-            }
+            let found = broker_logs(c, &ns, "onvif-cam", |log| log.contains("FFPROBE-OK")).await?;
+            let logs: Vec<String> = found.into_iter().map(|(_, log)| log).collect();
             Ok((logs.len() >= CAMERAS.len()).then_some(logs))
         },
     )
