@@ -32,6 +32,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// How long the testbed driver may take to start or to answer one command.
 const TESTBED_DEADLINE: Duration = Duration::from_secs(20);
 const PRELOAD: &str = "libumockdev-preload.so.0";
+const AGENT_LOG: &str = "info,verge_agent=debug,verge_usb=debug,verge_udev=debug";
 /// An unplug must reach the cluster through the testbed's uevents: the Configurations resync
 /// only hourly and set the agent's device grace period to 0, so nothing else removes the
 /// Instance this early. Generous against a loaded machine; the handler itself takes < 1 s.
@@ -140,10 +141,12 @@ impl Testbed {
     }
 
     /// The agent's environment for running inside this testbed.
-    fn env(&self) -> [(&'static str, String); 2] {
+    fn env(&self) -> [(&'static str, String); 3] {
         [
             ("LD_PRELOAD", PRELOAD.to_string()),
             ("UMOCKDEV_DIR", self.root.display().to_string()),
+            // The handlers' event and device-list lines, for a failure's agent log.
+            ("RUST_LOG", AGENT_LOG.to_string()),
         ]
     }
 }
@@ -362,7 +365,13 @@ async fn wait_broker(c: &Cluster, ns: &str, config: &str) -> Result<(String, Str
 }
 
 /// Unplugs the adapter in the testbed; waits until its Instance and brokers are gone.
-async fn unplug(c: &Cluster, ns: &str, config: &str, testbed: &Testbed) -> Result<()> {
+async fn unplug(
+    c: &Cluster,
+    ns: &str,
+    config: &str,
+    testbed: &Testbed,
+    agent: &Agent,
+) -> Result<()> {
     let started = Instant::now();
     testbed
         .command(&format!("remove {ADAPTER_DEVPATH}"))
@@ -380,7 +389,8 @@ async fn unplug(c: &Cluster, ns: &str, config: &str, testbed: &Testbed) -> Resul
                 .then_some(()))
         },
     )
-    .await?;
+    .await
+    .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
     report_time(&format!("{config}: unplug → Instance gone"), started);
     let pods: Api<Pod> = Api::namespaced(c.client(), ns);
     let selector = format!("akri.sh/configuration={config}");
@@ -417,17 +427,17 @@ async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() 
     };
     check_prerequisites()?;
     ensure_crds(&c).await?;
+    let setup = Instant::now();
     let ns_guard = c.namespace("usb").await?;
     let ns = ns_guard.name().to_string();
     let _host_nodes = HostNodes::create(&[USBFS_NODE, TTY_NODE])?;
-    let step = Instant::now();
     let testbed = Testbed::start("usb", &["e2e-serial.umockdev", "webcam.umockdev"]).await?;
-    report_time("usb: testbed up", step);
     let env = testbed.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
     let _controller = ControllerProcess::start(&c, &ns, "usb", &[]).await?;
     agent.wait_up(DEADLINE).await?;
+    report_time("usb: namespace, testbed, agent and controller up", setup);
     let started = Instant::now();
     c.apply_yaml(Some(&ns), &usb_configuration("usb-serial", "0s"))
         .await?;
@@ -487,7 +497,7 @@ async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() 
     .await
     .context("device nodes in the running container")?;
 
-    unplug(&c, &ns, "usb-serial", &testbed).await?;
+    unplug(&c, &ns, "usb-serial", &testbed, &agent).await?;
     drop(agent);
     drop(testbed);
     Ok(())
@@ -500,6 +510,7 @@ async fn udev_rule_in_a_testbed_gets_a_broker_with_the_tty_node() -> Result<()> 
     };
     check_prerequisites()?;
     ensure_crds(&c).await?;
+    let setup = Instant::now();
     let ns_guard = c.namespace("udev").await?;
     let ns = ns_guard.name().to_string();
     let _host_nodes = HostNodes::create(&[TTY_NODE])?;
@@ -509,6 +520,7 @@ async fn udev_rule_in_a_testbed_gets_a_broker_with_the_tty_node() -> Result<()> 
     let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
     let _controller = ControllerProcess::start(&c, &ns, "udev", &[]).await?;
     agent.wait_up(DEADLINE).await?;
+    report_time("udev: namespace, testbed, agent and controller up", setup);
     let started = Instant::now();
     c.apply_yaml(Some(&ns), &udev_configuration("udev-tty"))
         .await?;
@@ -534,7 +546,7 @@ async fn udev_rule_in_a_testbed_gets_a_broker_with_the_tty_node() -> Result<()> 
     ensure_line(&log, &format!("UDEV_DEVPATH={devpath}"))?;
     ensure_line(&log, &format!("NODE {TTY_NODE} char"))?;
 
-    unplug(&c, &ns, "udev-tty", &testbed).await?;
+    unplug(&c, &ns, "udev-tty", &testbed, &agent).await?;
     drop(agent);
     drop(testbed);
     Ok(())
@@ -551,6 +563,7 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
     };
     check_prerequisites()?;
     ensure_crds(&c).await?;
+    let setup = Instant::now();
     let ns_guard = c.namespace("usb-reenum").await?;
     let ns = ns_guard.name().to_string();
     let _host_nodes = HostNodes::create(&[USBFS_NODE, TTY_NODE, USBFS_NODE_2, TTY_NODE_2])?;
@@ -560,10 +573,17 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
     let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
     let _controller = ControllerProcess::start(&c, &ns, "usb-reenum", &[]).await?;
     agent.wait_up(DEADLINE).await?;
+    report_time(
+        "usb-reenum: namespace, testbed, agent and controller up",
+        setup,
+    );
+    let applied = Instant::now();
     c.apply_yaml(Some(&ns), &usb_configuration("usb-reenum", "5m"))
         .await?;
     let before = wait_instance(&c, &ns, &agent).await?;
+    report_time("usb-reenum: Configuration → Instance", applied);
     let (old_pod, log) = wait_broker(&c, &ns, "usb-reenum").await?;
+    report_time("usb-reenum: Configuration → broker Running", applied);
     ensure_line(&log, &format!("NODE {TTY_NODE} char"))?;
     // The broker's name is derived from the Instance, so its replacement has the same name: tell
     // them apart by uid.
@@ -594,7 +614,10 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
         },
     )
     .await?;
-    report_time("usb: re-enumeration → same Instance, new nodes", started);
+    report_time(
+        "usb-reenum: re-enumeration → same Instance, new nodes",
+        started,
+    );
     ensure!(
         after.metadata.uid == before.metadata.uid,
         "the Instance was recreated, not kept"
@@ -623,7 +646,7 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
     })
     .await?;
     c.wait_pod_ready(&ns, &new_pod, DEADLINE).await?;
-    report_time("usb: re-enumeration → new broker Running", started);
+    report_time("usb-reenum: re-enumeration → new broker Running", started);
     let log = c.logs(&ns, &new_pod).await?;
     println!("broker {new_pod} log:\n{log}");
     ensure_line(&log, &format!("USB_DEVNODE={USBFS_NODE_2}"))?;
