@@ -20,7 +20,7 @@ enum Transport {
 /// Serve the Modbus discovery handlers and register them with the node's agent
 /// (each on <directory>/<name>.sock unless --socket or --listen serves the one chosen).
 #[derive(Parser, Debug)]
-#[command(name = PROGRAM, version)]
+#[command(version)]
 struct Args {
     #[command(flatten)]
     serve: ServeArgs,
@@ -43,6 +43,7 @@ async fn main() -> ExitCode {
     {
         // One socket or address cannot serve two handlers.
         Args::command()
+            .bin_name(PROGRAM)
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "--socket and --listen serve one handler: give --transport tcp or rtu",
