@@ -203,18 +203,22 @@ async fn discover(args: DiscoverArgs) -> Result<u8, Failure> {
         }
     };
     tokio::pin!(until_deadline);
+    // One Ctrl-C listener for the whole run: a listener made anew in each loop turn would miss a
+    // Ctrl-C that arrives between two turns (tokio only tells listeners that exist at the time).
+    let shutdown = crate_shutdown();
+    tokio::pin!(shutdown);
 
     let mut stream = tokio::select! {
         started = handler.discover(request) => started.map_err(failure)?,
         () = &mut until_deadline => return Err((EXIT_NONE, "no answer from the handler before --timeout".to_string())),
-        () = crate_shutdown() => return Ok(EXIT_NONE),
+        () = &mut shutdown => return Ok(EXIT_NONE),
     };
     let mut last: Option<DiscoveryUpdate> = None;
     loop {
         let item = tokio::select! {
             item = stream.next() => item,
             () = &mut until_deadline => break,
-            () = crate_shutdown() => break,
+            () = &mut shutdown => break,
         };
         match item {
             Some(Ok(update)) => {

@@ -61,6 +61,8 @@ fn init_tracing() {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Logs on stderr: stdout carries `discover`'s device lists (`--json` is one object per line).
+        .with_writer(std::io::stderr)
         .init();
 }
 
