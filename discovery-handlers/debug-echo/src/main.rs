@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 use verge_debug_echo::{DEFAULT_AVAILABILITY_FILE, DebugEcho};
-use verge_discovery_sdk::Runner;
 use verge_discovery_sdk::cli::ServeArgs;
 
 /// Serve the debugEcho discovery handler and register it with the node's agent.
@@ -25,26 +24,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    verge_discovery_sdk::cli::init_logging();
     let args = Args::parse();
     let handler = Arc::new(DebugEcho::new(args.availability_file, !args.not_shared));
-    let config = match args.serve.runner_config() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("verge-debug-echo-discovery: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match Runner::new(handler, config).run_until_signal().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("verge-debug-echo-discovery: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    args.serve
+        .serve("verge-debug-echo-discovery", handler)
+        .await
 }

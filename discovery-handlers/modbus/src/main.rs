@@ -31,12 +31,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    verge_discovery_sdk::cli::init_logging();
     let args = Args::parse();
     if args.transport == Transport::Both
         && (args.serve.socket.is_some() || args.serve.listen.is_some())

@@ -31,6 +31,18 @@ use crate::{
     Runner, RunnerConfig,
 };
 
+/// Logs of a handler binary: `tracing` to stderr (stdout stays free for output a caller parses),
+/// filtered by `RUST_LOG`, `info` by default.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Environment variable a handler pod sets from the downward API (`status.podIP`), used to
 /// advertise a network endpoint when `--listen` binds every address.
 pub const POD_IP_ENV: &str = "POD_IP";

@@ -18,12 +18,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    verge_discovery_sdk::cli::init_logging();
     Args::parse()
         .serve
         .serve("verge-usb-discovery", Arc::new(Usb::new()))
