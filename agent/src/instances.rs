@@ -226,11 +226,17 @@ pub async fn run_writer(
                 metrics.clone(),
             )));
         }
-        let next_due = pending
-            .values()
-            .filter(|p| !p.in_flight)
-            .map(|p| p.not_before)
-            .min();
+        // At the concurrency limit nothing can start before a write finishes, so no timer: a due
+        // write's timer would fire at once and spin this loop (it did: 180 % CPU at 1,000 devices).
+        let next_due = if in_flight.len() >= config.concurrency.max(1) {
+            None
+        } else {
+            pending
+                .values()
+                .filter(|p| !p.in_flight)
+                .map(|p| p.not_before)
+                .min()
+        };
         let sleep = async {
             match next_due {
                 Some(t) => tokio::time::sleep_until(t.into()).await,

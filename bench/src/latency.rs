@@ -362,7 +362,7 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
         ),
         "withdrawn = the slot id is gone from akri.sh/<configuration> in GetAllocatableResources"
             .into(),
-        "Modbus (polled handler) not measured: no Modbus handler is embedded in the agent".into(),
+        "Modbus (polled handler) not measured here: a unit is found at the next scan, so online -> Instance is bounded by rescanIntervalSeconds (default 60 s for modbus-tcp) plus one scan pass".into(),
     ];
     notes.extend(failures.iter().cloned());
     let plot = Plot {

@@ -50,8 +50,13 @@ async fn uids(ctx: &Ctx) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
-fn inode(p: &std::path::Path) -> Option<u64> {
-    std::fs::metadata(p).ok().map(|m| m.ino())
+/// Identity of the file at `p`: the inode number alone is not enough, because the filesystem
+/// hands a recreated socket the number its predecessor just freed (restarts 2 and 3 of the first
+/// run waited for a change that had happened).
+fn inode(p: &std::path::Path) -> Option<(u64, i64, i64)> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
