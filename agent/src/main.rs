@@ -55,20 +55,10 @@ enum Command {
     Discover(discover::DiscoverArgs),
 }
 
-fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Logs on stderr: stdout carries `discover`'s device lists (`--json` is one object per line).
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing();
+    // Logs on stderr: stdout carries `discover`'s device lists (`--json` is one object per line).
+    verge_discovery_sdk::cli::init_logging();
     // Embedded handlers can bring a second rustls provider (oxvif's reqwest enables aws-lc-rs);
     // with two compiled in, rustls cannot choose for kube's client and panics. Choose ring, as
     // kube and tonic are configured.

@@ -367,6 +367,22 @@ fn found_once(proto: &str, out: &Output) -> Value {
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
+/// Runs `handler` once (under `prefix`, with `env`) with `details` written to `dir`, and asserts
+/// the refusal: exit 2, nothing on stdout, one line on stderr naming `named`.
+fn assert_refuses(
+    prefix: &[&str],
+    env: &[(&str, &str)],
+    dir: &Path,
+    handler: &str,
+    details: &str,
+    named: &str,
+) {
+    let d = write(dir, "bad.yaml", details);
+    let mut cmd = agent(prefix, &["--handler", handler, "--details", &d, "--once"]);
+    cmd.envs(env.iter().copied());
+    assert_bad_settings(handler, &run(cmd), named);
+}
+
 /// Exit 2, nothing on stdout, and one line on stderr naming `named`.
 fn assert_bad_settings(proto: &str, out: &Output, named: &str) {
     let stderr = text(&out.stderr);
@@ -511,6 +527,16 @@ impl NetPair {
         ["ip", "netns", "exec", ns]
     }
 
+    /// `python -u tests/peers/<script>` inside namespace b.
+    fn python_in_b(&self, python: &Path, script: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(&Self::exec(&self.b)[1..])
+            .arg(python)
+            .arg("-u")
+            .arg(repo().join("tests/peers").join(script));
+        cmd
+    }
+
     /// The MAC of b's end of the pair.
     fn mac_b(&self) -> String {
         let out = Command::new("ip")
@@ -642,16 +668,14 @@ fn modbus_tcp_units_of_a_pymodbus_server() {
     let none: Value = serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line");
     assert_eq!(none["devices"], serde_json::json!([]));
 
-    let d = write(
-        dir.path(),
-        "bad.yaml",
-        &format!("hosts: [127.0.0.1]\nports: [{port}]\nunitIds: [\"20-10\"]\n"),
-    );
-    let out = run(agent(
+    assert_refuses(
         &[],
-        &["--handler", "modbus-tcp", "--details", &d, "--once"],
-    ));
-    assert_bad_settings("modbus-tcp", &out, "unitIds");
+        &[],
+        dir.path(),
+        "modbus-tcp",
+        &format!("hosts: [127.0.0.1]\nports: [{port}]\nunitIds: [\"20-10\"]\n"),
+        "unitIds",
+    );
 }
 
 #[cfg(feature = "modbus")]
@@ -759,14 +783,14 @@ fn ble_devices_of_the_mocked_bluez() {
     // Exit 0: the last list held devices.
     live.interrupt(0);
 
-    let d = write(
+    assert_refuses(
+        &[],
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.as_str())],
         dir.path(),
-        "bad.yaml",
+        "ble",
         "manufacturerData: {action: Include, items: [{id: 76, dataPrefix: '123'}]}\n",
+        "dataPrefix",
     );
-    let mut cmd = agent(&[], &["--handler", "ble", "--details", &d, "--once"]);
-    cmd.env("DBUS_SYSTEM_BUS_ADDRESS", &bus);
-    assert_bad_settings("ble", &run(cmd), "dataPrefix");
 }
 
 // ---------------------------------------------------------------------------
@@ -828,12 +852,14 @@ fn usb_ftdi_adapter_in_umockdev() {
     );
     assert_eq!(host_paths(ftdi), ["/dev/bus/usb/001/004", "/dev/ttyUSB0"]);
 
-    let d = write(dir.path(), "bad.yaml", "match:\n- {vendorId: \"04g3\"}\n");
-    let out = run(agent(
+    assert_refuses(
         &prefix,
-        &["--handler", "usb", "--details", &d, "--once"],
-    ));
-    assert_bad_settings("usb", &out, "match[0].vendorId");
+        &[],
+        dir.path(),
+        "usb",
+        "match:\n- {vendorId: \"04g3\"}\n",
+        "match[0].vendorId",
+    );
 }
 
 #[cfg(feature = "udev")]
@@ -868,16 +894,14 @@ fn udev_akri_tty_rule_in_umockdev() {
     assert_eq!(host_paths(d0), ["/dev/ttyUSB0"]);
 
     // An assignment where Akri's rules allow only matches.
-    let d = write(
-        dir.path(),
-        "bad.yaml",
-        "udevRules:\n- 'KERNEL=\"ttyUSB0\"'\n",
-    );
-    let out = run(agent(
+    assert_refuses(
         &prefix,
-        &["--handler", "udev", "--details", &d, "--once"],
-    ));
-    assert_bad_settings("udev", &out, "\"=\"");
+        &[],
+        dir.path(),
+        "udev",
+        "udevRules:\n- 'KERNEL=\"ttyUSB0\"'\n",
+        "\"=\"",
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -899,27 +923,22 @@ fn mdns_service_of_a_zeroconf_publisher() {
     let net = NetPair::new("10.254.120");
     let _publisher = start_peer(
         "publish.py",
-        Command::new("ip")
-            .args(&NetPair::exec(&net.b)[1..])
-            .arg(&python)
-            .arg("-u")
-            .arg(repo().join("tests/peers/mdns/publish.py"))
-            .args([
-                "--name",
-                "Verge Discover",
-                "--type",
-                "_http._tcp.local.",
-                "--port",
-                "8080",
-                "--host",
-                "vg-dsc-pub.local.",
-                "--addr",
-                "10.254.120.2",
-                "--txt",
-                "path=/status",
-                "--txt",
-                "model=DSC-1",
-            ]),
+        net.python_in_b(&python, "mdns/publish.py").args([
+            "--name",
+            "Verge Discover",
+            "--type",
+            "_http._tcp.local.",
+            "--port",
+            "8080",
+            "--host",
+            "vg-dsc-pub.local.",
+            "--addr",
+            "10.254.120.2",
+            "--txt",
+            "path=/status",
+            "--txt",
+            "model=DSC-1",
+        ]),
         "ready",
         &dir.path().join("publish.log"),
     );
@@ -949,16 +968,14 @@ fn mdns_service_of_a_zeroconf_publisher() {
     // Exit 0: the last list held devices.
     live.interrupt(0);
 
-    let d = write(
-        dir.path(),
-        "bad.yaml",
-        "serviceTypes: [_http._tcp]\ntxtValues: {action: Include, items: [novalue]}\n",
-    );
-    let out = run(agent(
+    assert_refuses(
         &exec,
-        &["--handler", "mdns", "--details", &d, "--once"],
-    ));
-    assert_bad_settings("mdns", &out, "txtValues");
+        &[],
+        dir.path(),
+        "mdns",
+        "serviceTypes: [_http._tcp]\ntxtValues: {action: Include, items: [novalue]}\n",
+        "txtValues",
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -981,23 +998,18 @@ fn onvif_ipycam_camera() {
     let uuid = "0a1b2c3d-0000-4000-8000-0000000d15c0";
     let _camera = start_peer(
         "camera.py",
-        Command::new("ip")
-            .args(&NetPair::exec(&net.b)[1..])
-            .arg(&python)
-            .arg("-u")
-            .arg(repo().join("tests/peers/onvif/camera.py"))
-            .args([
-                "--ip",
-                "10.254.121.2",
-                "--uuid",
-                &format!("urn:uuid:{uuid}"),
-                "--name",
-                "vg-dsc-cam",
-                "--model",
-                "Model-D",
-                "--serial",
-                "SER-D1",
-            ]),
+        net.python_in_b(&python, "onvif/camera.py").args([
+            "--ip",
+            "10.254.121.2",
+            "--uuid",
+            &format!("urn:uuid:{uuid}"),
+            "--name",
+            "vg-dsc-cam",
+            "--model",
+            "Model-D",
+            "--serial",
+            "SER-D1",
+        ]),
         "READY",
         &dir.path().join("camera.log"),
     );
@@ -1038,10 +1050,12 @@ fn onvif_ipycam_camera() {
     // Exit 0: the last list held devices.
     live.interrupt(0);
 
-    let d = write(dir.path(), "bad.yaml", "unicastTargets: [not-an-address]\n");
-    let out = run(agent(
+    assert_refuses(
         &exec,
-        &["--handler", "onvif", "--details", &d, "--once"],
-    ));
-    assert_bad_settings("onvif", &out, "unicastTargets");
+        &[],
+        dir.path(),
+        "onvif",
+        "unicastTargets: [not-an-address]\n",
+        "unicastTargets",
+    );
 }

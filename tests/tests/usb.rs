@@ -24,7 +24,7 @@ use tokio::process::{Child, Command};
 use verge_crds::Instance;
 use verge_e2e::agent::{Agent, ensure_crds};
 use verge_e2e::controller::ControllerProcess;
-use verge_e2e::{Cluster, pod_summary, repo_root, report_time, wait_until};
+use verge_e2e::{Cluster, TestNamespace, pod_summary, repo_root, report_time, wait_until};
 
 /// The host is verge-node-1, so its /dev is the one kubelet and containerd use.
 const NODE: &str = "verge-node-1";
@@ -412,6 +412,53 @@ async fn unplug(
     Ok(())
 }
 
+/// What every test here starts from: its namespace, the host stand-ins for the device nodes, a
+/// testbed, an agent inside it on [`NODE`] and a controller. Fields drop in order: controller and
+/// agent stop before the testbed goes; the host nodes and the namespace go last.
+struct UsbTest {
+    c: Cluster,
+    ns: String,
+    _controller: ControllerProcess,
+    agent: Agent,
+    testbed: Testbed,
+    _host_nodes: HostNodes,
+    _namespace: TestNamespace,
+}
+
+impl UsbTest {
+    /// `None` without a cluster (the test passes as skipped).
+    async fn start(tag: &str, host_nodes: &[&str], testbeds: &[&str]) -> Result<Option<Self>> {
+        let Some(c) = Cluster::connect().await else {
+            return Ok(None);
+        };
+        check_prerequisites()?;
+        ensure_crds(&c).await?;
+        let setup = Instant::now();
+        let namespace = c.namespace(tag).await?;
+        let ns = namespace.name().to_string();
+        let host_nodes = HostNodes::create(host_nodes)?;
+        let testbed = Testbed::start(tag, testbeds).await?;
+        let env = testbed.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
+        let controller = ControllerProcess::start(&c, &ns, tag, &[]).await?;
+        agent.wait_up(DEADLINE).await?;
+        report_time(
+            &format!("{tag}: namespace, testbed, agent and controller up"),
+            setup,
+        );
+        Ok(Some(UsbTest {
+            c,
+            ns,
+            _controller: controller,
+            agent,
+            testbed,
+            _host_nodes: host_nodes,
+            _namespace: namespace,
+        }))
+    }
+}
+
 fn ensure_line(log: &str, line: &str) -> Result<()> {
     ensure!(
         log.lines().any(|l| l.trim() == line),
@@ -422,27 +469,27 @@ fn ensure_line(log: &str, line: &str) -> Result<()> {
 
 #[tokio::test]
 async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = UsbTest::start(
+        "usb",
+        &[USBFS_NODE, TTY_NODE],
+        &["e2e-serial.umockdev", "webcam.umockdev"],
+    )
+    .await?
+    else {
         return Ok(());
     };
-    check_prerequisites()?;
-    ensure_crds(&c).await?;
-    let setup = Instant::now();
-    let ns_guard = c.namespace("usb").await?;
-    let ns = ns_guard.name().to_string();
-    let _host_nodes = HostNodes::create(&[USBFS_NODE, TTY_NODE])?;
-    let testbed = Testbed::start("usb", &["e2e-serial.umockdev", "webcam.umockdev"]).await?;
-    let env = testbed.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
-    let _controller = ControllerProcess::start(&c, &ns, "usb", &[]).await?;
-    agent.wait_up(DEADLINE).await?;
-    report_time("usb: namespace, testbed, agent and controller up", setup);
+    let UsbTest {
+        c,
+        ns,
+        agent,
+        testbed,
+        ..
+    } = &t;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &usb_configuration("usb-serial", "0s"))
+    c.apply_yaml(Some(ns), &usb_configuration("usb-serial", "0s"))
         .await?;
 
-    let instance = wait_instance(&c, &ns, &agent).await?;
+    let instance = wait_instance(c, ns, agent).await?;
     report_time("usb: Configuration → Instance", started);
     ensure!(!instance.spec.shared, "USB devices are not shared");
     let p = &instance.spec.broker_properties;
@@ -460,7 +507,7 @@ async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() 
         ensure!(p.get(k).map(String::as_str) == Some(v), "{k}: {p:?}");
     }
 
-    let (pod, log) = wait_broker(&c, &ns, "usb-serial").await?;
+    let (pod, log) = wait_broker(c, ns, "usb-serial").await?;
     report_time("usb: Configuration → broker Running", started);
     println!("broker {pod} log:\n{log}");
     for line in [
@@ -478,7 +525,7 @@ async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() 
     }
     // The properties as the agent names them (NAME_<INSTANCE HASH>), and the nodes, in the
     // running container.
-    let env = c.exec(&ns, &pod, &["env"]).await?;
+    let env = c.exec(ns, &pod, &["env"]).await?;
     ensure!(
         env.lines().any(|l| l
             .split_once('=')
@@ -486,7 +533,7 @@ async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() 
         "container env lacks USB_SERIAL_<hash>={SERIAL}: {env}"
     );
     c.exec(
-        &ns,
+        ns,
         &pod,
         &[
             "sh",
@@ -497,35 +544,33 @@ async fn usb_adapter_in_a_testbed_gets_a_broker_with_its_properties_and_nodes() 
     .await
     .context("device nodes in the running container")?;
 
-    unplug(&c, &ns, "usb-serial", &testbed, &agent).await?;
-    drop(agent);
-    drop(testbed);
+    unplug(c, ns, "usb-serial", testbed, agent).await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn udev_rule_in_a_testbed_gets_a_broker_with_the_tty_node() -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = UsbTest::start(
+        "udev",
+        &[TTY_NODE],
+        &["e2e-serial.umockdev", "webcam.umockdev"],
+    )
+    .await?
+    else {
         return Ok(());
     };
-    check_prerequisites()?;
-    ensure_crds(&c).await?;
-    let setup = Instant::now();
-    let ns_guard = c.namespace("udev").await?;
-    let ns = ns_guard.name().to_string();
-    let _host_nodes = HostNodes::create(&[TTY_NODE])?;
-    let testbed = Testbed::start("udev", &["e2e-serial.umockdev", "webcam.umockdev"]).await?;
-    let env = testbed.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
-    let _controller = ControllerProcess::start(&c, &ns, "udev", &[]).await?;
-    agent.wait_up(DEADLINE).await?;
-    report_time("udev: namespace, testbed, agent and controller up", setup);
+    let UsbTest {
+        c,
+        ns,
+        agent,
+        testbed,
+        ..
+    } = &t;
     let started = Instant::now();
-    c.apply_yaml(Some(&ns), &udev_configuration("udev-tty"))
+    c.apply_yaml(Some(ns), &udev_configuration("udev-tty"))
         .await?;
 
-    let instance = wait_instance(&c, &ns, &agent).await?;
+    let instance = wait_instance(c, ns, agent).await?;
     report_time("udev: Configuration → Instance", started);
     ensure!(!instance.spec.shared, "udev devices are not shared");
     let devpath = format!("{ADAPTER_DEVPATH}/99-1:1.0/ttyUSB901/tty/ttyUSB901");
@@ -539,16 +584,14 @@ async fn udev_rule_in_a_testbed_gets_a_broker_with_the_tty_node() -> Result<()> 
         "{p:?}"
     );
 
-    let (pod, log) = wait_broker(&c, &ns, "udev-tty").await?;
+    let (pod, log) = wait_broker(c, ns, "udev-tty").await?;
     report_time("udev: Configuration → broker Running", started);
     println!("broker {pod} log:\n{log}");
     ensure_line(&log, &format!("UDEV_DEVNODE={TTY_NODE}"))?;
     ensure_line(&log, &format!("UDEV_DEVPATH={devpath}"))?;
     ensure_line(&log, &format!("NODE {TTY_NODE} char"))?;
 
-    unplug(&c, &ns, "udev-tty", &testbed, &agent).await?;
-    drop(agent);
-    drop(testbed);
+    unplug(c, ns, "udev-tty", testbed, agent).await?;
     Ok(())
 }
 
@@ -558,36 +601,33 @@ async fn udev_rule_in_a_testbed_gets_a_broker_with_the_tty_node() -> Result<()> 
 #[tokio::test]
 async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the_new_nodes()
 -> Result<()> {
-    let Some(c) = Cluster::connect().await else {
+    let Some(t) = UsbTest::start(
+        "usb-reenum",
+        &[USBFS_NODE, TTY_NODE, USBFS_NODE_2, TTY_NODE_2],
+        &["e2e-serial.umockdev"],
+    )
+    .await?
+    else {
         return Ok(());
     };
-    check_prerequisites()?;
-    ensure_crds(&c).await?;
-    let setup = Instant::now();
-    let ns_guard = c.namespace("usb-reenum").await?;
-    let ns = ns_guard.name().to_string();
-    let _host_nodes = HostNodes::create(&[USBFS_NODE, TTY_NODE, USBFS_NODE_2, TTY_NODE_2])?;
-    let testbed = Testbed::start("reenum", &["e2e-serial.umockdev"]).await?;
-    let env = testbed.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = Agent::start_with_env(NODE, &ns, &[], &env).await?;
-    let _controller = ControllerProcess::start(&c, &ns, "usb-reenum", &[]).await?;
-    agent.wait_up(DEADLINE).await?;
-    report_time(
-        "usb-reenum: namespace, testbed, agent and controller up",
-        setup,
-    );
+    let UsbTest {
+        c,
+        ns,
+        agent,
+        testbed,
+        ..
+    } = &t;
     let applied = Instant::now();
-    c.apply_yaml(Some(&ns), &usb_configuration("usb-reenum", "5m"))
+    c.apply_yaml(Some(ns), &usb_configuration("usb-reenum", "5m"))
         .await?;
-    let before = wait_instance(&c, &ns, &agent).await?;
+    let before = wait_instance(c, ns, agent).await?;
     report_time("usb-reenum: Configuration → Instance", applied);
-    let (old_pod, log) = wait_broker(&c, &ns, "usb-reenum").await?;
+    let (old_pod, log) = wait_broker(c, ns, "usb-reenum").await?;
     report_time("usb-reenum: Configuration → broker Running", applied);
     ensure_line(&log, &format!("NODE {TTY_NODE} char"))?;
     // The broker's name is derived from the Instance, so its replacement has the same name: tell
     // them apart by uid.
-    let pods: Api<Pod> = Api::namespaced(c.client(), &ns);
+    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
     let old_uid = pods.get(&old_pod).await?.metadata.uid;
 
     let started = Instant::now();
@@ -600,7 +640,7 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
             peers().join("e2e-serial-renumbered.umockdev").display()
         ))
         .await?;
-    let api: Api<Instance> = Api::namespaced(c.client(), &ns);
+    let api: Api<Instance> = Api::namespaced(c.client(), ns);
     let name = before.metadata.name.clone().context("Instance name")?;
     let after = wait_until(
         "the Instance with the new nodes",
@@ -645,9 +685,9 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
         Ok(list.first().and_then(|p| p.metadata.name.clone()))
     })
     .await?;
-    c.wait_pod_ready(&ns, &new_pod, DEADLINE).await?;
+    c.wait_pod_ready(ns, &new_pod, DEADLINE).await?;
     report_time("usb-reenum: re-enumeration → new broker Running", started);
-    let log = c.logs(&ns, &new_pod).await?;
+    let log = c.logs(ns, &new_pod).await?;
     println!("broker {new_pod} log:\n{log}");
     ensure_line(&log, &format!("USB_DEVNODE={USBFS_NODE_2}"))?;
     ensure_line(&log, &format!("USB_TTY={TTY_NODE_2}"))?;
@@ -655,7 +695,7 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
     ensure_line(&log, &format!("NODE {TTY_NODE_2} char"))?;
     // Only the new nodes: the device specs moved, not just the properties.
     c.exec(
-        &ns,
+        ns,
         &new_pod,
         &[
             "sh",
@@ -665,7 +705,5 @@ async fn re_enumerated_usb_adapter_keeps_its_instance_and_gets_a_broker_with_the
     )
     .await
     .context("the old nodes must not be in the new broker")?;
-    drop(agent);
-    drop(testbed);
     Ok(())
 }
