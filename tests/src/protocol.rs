@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
-use crate::agent::ensure_crds;
+use crate::agent::{Agent, ensure_crds};
+use crate::controller::ControllerProcess;
 use crate::{BROKER_IMAGE, Cluster, TestNamespace, cluster_cmd, cluster_script};
 
 /// Image of the tool broker: the test broker as entrypoint plus busybox applets (`sh`, `nc`,
@@ -59,6 +60,22 @@ impl ProtocolTest {
             namespace,
             python,
         }))
+    }
+
+    /// An agent on every node and a controller, all serving the test's namespace (kept running
+    /// while the returned values live), and the node names.
+    pub async fn agents_on_every_node(
+        &self,
+        controller_tag: &str,
+    ) -> Result<(Vec<String>, Vec<Agent>, ControllerProcess)> {
+        let ns = self.namespace.name();
+        let nodes = self.cluster.node_names().await?;
+        let mut agents = Vec::new();
+        for node in &nodes {
+            agents.push(Agent::start(node, ns, &[]).await?);
+        }
+        let controller = ControllerProcess::start(&self.cluster, ns, controller_tag, &[]).await?;
+        Ok((nodes, agents, controller))
     }
 }
 

@@ -16,8 +16,6 @@ use kube::api::{Api, ListParams};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
-use verge_e2e::agent::Agent;
-use verge_e2e::controller::ControllerProcess;
 use verge_e2e::protocol::{LanHost, ProtocolConfiguration, ProtocolTest, broker_logs};
 use verge_e2e::{repo_root, report_time, wait_until};
 
@@ -126,12 +124,7 @@ async fn mdns_service_becomes_instance_with_connecting_broker() -> Result<()> {
     };
     let (c, ns) = (&t.cluster, t.namespace.name().to_string());
     let svc = LanService::start(&t.python).await?;
-    let nodes = c.node_names().await?;
-    let mut agents = Vec::new();
-    for node in &nodes {
-        agents.push(Agent::start(node, &ns, &[]).await?);
-    }
-    let _controller = ControllerProcess::start(c, &ns, "mdns", &[]).await?;
+    let (nodes, agents, _controller) = t.agents_on_every_node("mdns").await?;
     let started = Instant::now();
     configuration("mdns-web").apply(c, &ns).await?;
 

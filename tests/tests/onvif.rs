@@ -17,8 +17,6 @@ use kube::api::{Api, ListParams};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use verge_crds::Instance;
-use verge_e2e::agent::Agent;
-use verge_e2e::controller::ControllerProcess;
 use verge_e2e::protocol::{LanHost, ProtocolConfiguration, ProtocolTest, broker_logs};
 use verge_e2e::{repo_root, report_time, wait_until};
 
@@ -116,12 +114,7 @@ async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
     for (n, ip4, ip6, uuid) in CAMERAS {
         cams.push(LanCamera::start(&t.python, n, ip4, ip6, uuid).await?);
     }
-    let nodes = c.node_names().await?;
-    let mut agents = Vec::new();
-    for node in &nodes {
-        agents.push(Agent::start(node, &ns, &[]).await?);
-    }
-    let _controller = ControllerProcess::start(c, &ns, "onvif", &[]).await?;
+    let (nodes, agents, _controller) = t.agents_on_every_node("onvif").await?;
     let started = Instant::now();
     configuration("onvif-cam").apply(c, &ns).await?;
 
