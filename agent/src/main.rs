@@ -169,10 +169,12 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         STATUS_INTERVAL,
         metrics.clone(),
     ));
+    let (instances_listed_tx, instances_listed) = tokio::sync::watch::channel(false);
     tokio::spawn(watchers::watch_instances(
         client.clone(),
         config.watch_namespace.clone(),
         state.clone(),
+        instances_listed_tx,
     ));
     tokio::spawn(
         watchers::ConfigWatcher {
@@ -181,6 +183,7 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
             registry: registry.clone(),
             state: state.clone(),
             board,
+            instances_listed,
         }
         .run(),
     );

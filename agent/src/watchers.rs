@@ -42,6 +42,8 @@ pub struct ConfigWatcher {
     pub state: Arc<Mutex<AgentState>>,
     /// Discovery status.
     pub board: Arc<StatusBoard>,
+    /// Becomes true once the Instance watch has delivered its first full list.
+    pub instances_listed: tokio::sync::watch::Receiver<bool>,
 }
 
 fn key_of(c: &Configuration) -> ConfigKey {
@@ -77,7 +79,18 @@ fn view_of(c: &Configuration, grace: Duration) -> ConfigView {
 
 impl ConfigWatcher {
     /// Runs forever.
-    pub async fn run(self) {
+    pub async fn run(mut self) {
+        // A device reported before its existing Instance is known would be written as new,
+        // and that apply would drop the slots this node's pods hold (after an agent restart).
+        // So Instances are adopted first; the Configuration list waits for them.
+        if self
+            .instances_listed
+            .wait_for(|listed| *listed)
+            .await
+            .is_err()
+        {
+            return;
+        }
         let api: Api<Configuration> = match &self.config.watch_namespace {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
@@ -275,11 +288,12 @@ pub fn observed_of(i: &Instance) -> ObservedInstance {
     }
 }
 
-/// Feeds every Instance change into the state.
+/// Feeds every Instance change into the state, and says when the first full list is in.
 pub async fn watch_instances(
     client: Client,
     namespace: Option<String>,
     state: Arc<Mutex<AgentState>>,
+    listed: tokio::sync::watch::Sender<bool>,
 ) {
     let api: Api<Instance> = match namespace {
         Some(ns) => Api::namespaced(client, &ns),
@@ -292,7 +306,11 @@ pub async fn watch_instances(
         let (apply, delete) = match ev {
             Ok(Event::Apply(i)) | Ok(Event::InitApply(i)) => (Some(i), None),
             Ok(Event::Delete(i)) => (None, Some(i)),
-            Ok(_) => (None, None),
+            Ok(Event::InitDone) => {
+                listed.send_replace(true);
+                (None, None)
+            }
+            Ok(Event::Init) => (None, None),
             Err(e) => {
                 tracing::warn!(error = %e, "Instance watch error; retrying");
                 (None, None)

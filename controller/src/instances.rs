@@ -256,6 +256,12 @@ async fn reconcile_pods(
     // An agent that still runs on a lost node may list it again; no broker goes there.
     let mut usable = instance.clone();
     usable.spec.nodes.retain(|n| !ctx.is_lost(n));
+    if usable.spec.nodes.len() != instance.spec.nodes.len() {
+        // The lost set is from the last node check. A node that came back and was listed
+        // again by its agent since then changes no Instance, so nothing else would bring
+        // this reconcile back to start its broker.
+        outcome.requeue_within(ctx.args.node_check_interval);
+    }
     let wanted: BTreeMap<String, String> = match pod_spec {
         Some(_) => broker_nodes(&usable, &current)
             .into_iter()
