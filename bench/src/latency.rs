@@ -29,6 +29,9 @@ pub struct Opts {
     /// Offline cycles with the default grace period (each takes the grace period, 30 s).
     #[arg(long, default_value_t = 2)]
     pub grace_reps: usize,
+    /// Modbus TCP cycles at the handler's default rescan interval (each takes up to two intervals).
+    #[arg(long, default_value_t = 4)]
+    pub modbus_reps: usize,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -283,6 +286,18 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
         let _ = config_api.delete(GRACE_CONFIG, &Default::default()).await;
     }
 
+    let modbus = if o.modbus_reps > 0 {
+        match crate::latency_modbus::run(ctx, &tracker, o.modbus_reps).await {
+            Ok(f) => f,
+            Err(e) => crate::latency_modbus::Figures {
+                failures: vec![format!("modbus: {e:#}")],
+                ..Default::default()
+            },
+        }
+    } else {
+        crate::latency_modbus::Figures::default()
+    };
+
     let period_ms = period
         .as_deref()
         .and_then(|p| p.strip_suffix('s'))
@@ -362,9 +377,15 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
         ),
         "withdrawn = the slot id is gone from akri.sh/<configuration> in GetAllocatableResources"
             .into(),
-        "Modbus (polled handler) not measured here: a unit is found at the next scan, so online -> Instance is bounded by rescanIntervalSeconds (default 60 s for modbus-tcp) plus one scan pass".into(),
+        format!(
+            "Modbus (polled): a unit is found at the next scan, so answers -> Instance is bounded by rescanIntervalSeconds ({} s by default for modbus-tcp, left unset here) plus one scan pass",
+            crate::latency_modbus::DEFAULT_RESCAN.as_secs()
+        ),
     ];
     notes.extend(failures.iter().cloned());
+    notes.extend(modbus.failures.iter().cloned());
+    let mut rows = rows;
+    rows.extend(modbus.rows());
     let plot = Plot {
         title: "debugEcho online/offline latency per cycle".into(),
         x_label: "cycle".into(),
@@ -377,7 +398,7 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
         duration_s: started.elapsed().as_secs_f64(),
         machine: machine(),
         settings: serde_json::json!({
-            "reps": o.reps, "grace_reps": o.grace_reps, "node": ctx.node,
+            "reps": o.reps, "grace_reps": o.grace_reps, "modbus_reps": o.modbus_reps, "node": ctx.node,
             "node_status_update_frequency": period,
             "kubelet_poll_ms": KUBELET_POLL.as_millis() as u64, "api_poll_ms": API_POLL.as_millis() as u64,
             "default_grace": "chart agent.deviceGracePeriod (30s)",

@@ -10,6 +10,7 @@
 mod common;
 mod footprint;
 mod latency;
+mod latency_modbus;
 mod report;
 mod restart;
 mod scale;
@@ -98,6 +99,10 @@ async fn run_one(cli: &Cli, ctx: &Ctx, scenario: &Scenario) -> Result<()> {
         "--set".into(),
         format!("agent.resources.limits.memory={}", cli.agent_memory_limit),
     ]);
+    if matches!(scenario, Scenario::Latency(o) if o.modbus_reps > 0) {
+        // The polled-handler part needs the embedded modbus-tcp handler.
+        args.extend(["--set".into(), "modbus.discovery.enabled=true".into()]);
+    }
     args.extend(cli.helm_args.iter().cloned());
     let result = match Installation::install(&ctx.out_dir, &args).await {
         Ok(install) => {
@@ -135,6 +140,7 @@ async fn main() -> Result<()> {
             Scenario::Latency(latency::Opts {
                 reps: 8,
                 grace_reps: 2,
+                modbus_reps: 4,
             }),
             Scenario::Footprint(footprint::Opts {
                 window: 20,
