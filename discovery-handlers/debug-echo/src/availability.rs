@@ -1,8 +1,11 @@
 //! Watches the availability file and turns its content into device lists.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use verge_discovery_sdk::{Device, DeviceStream, Diagnostic, DiscoveryError, DiscoveryUpdate};
@@ -21,11 +24,32 @@ async fn is_online(file: &Path) -> bool {
     }
 }
 
+/// Whether an event can mean the file's content changed. Opening and reading it cannot, and must
+/// not count: reading the file after every event would itself raise an open event, and the loop
+/// would spin at full CPU for as long as the stream lives (inotify reports opens).
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Streams `devices` while the file does not say OFFLINE, and an empty list while it does.
 pub fn watch(
     file: PathBuf,
     devices: Vec<Device>,
     diagnostics: Vec<Diagnostic>,
+) -> Result<DeviceStream, DiscoveryError> {
+    watch_counting(file, devices, diagnostics, Arc::default())
+}
+
+/// [`watch`], counting in `reads` how often the file is read.
+fn watch_counting(
+    file: PathBuf,
+    devices: Vec<Device>,
+    diagnostics: Vec<Diagnostic>,
+    reads: Arc<AtomicU64>,
 ) -> Result<DeviceStream, DiscoveryError> {
     let dir = file
         .parent()
@@ -50,7 +74,10 @@ pub fn watch(
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Only our file matters; the directory may be busy (/tmp).
         let relevant = match &event {
-            Ok(e) => e.paths.iter().any(|p| p.file_name() == Some(&file_name)),
+            Ok(e) => {
+                may_change_content(&e.kind)
+                    && e.paths.iter().any(|p| p.file_name() == Some(&file_name))
+            }
             Err(_) => true,
         };
         if relevant {
@@ -70,6 +97,7 @@ pub fn watch(
         let _watcher = watcher;
         let mut last: Option<bool> = None;
         loop {
+            reads.fetch_add(1, Ordering::Relaxed);
             let online = is_online(&file).await;
             if last != Some(online) {
                 last = Some(online);
@@ -90,4 +118,65 @@ pub fn watch(
         }
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[test]
+    fn only_events_that_can_change_the_content_count() {
+        use notify::event::{CreateKind, ModifyKind, RemoveKind};
+        assert!(!may_change_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!may_change_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(may_change_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(may_change_content(&EventKind::Create(CreateKind::File)));
+        assert!(may_change_content(&EventKind::Modify(ModifyKind::Any)));
+        assert!(may_change_content(&EventKind::Remove(RemoveKind::File)));
+    }
+
+    /// Reading the file raises inotify open events; they must not make the watcher read it again
+    /// (that loop once held two agents at full CPU and starved a 2-core test machine).
+    #[tokio::test]
+    async fn reading_the_file_does_not_wake_the_watcher() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("availability");
+        std::fs::write(&file, "ONLINE").expect("write");
+        let reads = Arc::new(AtomicU64::new(0));
+        let mut stream =
+            watch_counting(file.clone(), Vec::new(), Vec::new(), reads.clone()).expect("watch");
+        stream.next().await.expect("first update").expect("ok");
+
+        // Others reading the file (brokers, a second agent) must not wake it either.
+        for _ in 0..20 {
+            std::fs::read_to_string(&file).expect("read");
+        }
+        // A negative check needs a window: inotify delivers within milliseconds, and a spinning
+        // watcher reads the file thousands of times in this time.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let idle_reads = reads.load(Ordering::Relaxed);
+        assert!(
+            idle_reads <= 2,
+            "the watcher read the file {idle_reads} times without any change"
+        );
+
+        // A real change still gets through.
+        std::fs::write(&file, OFFLINE).expect("write");
+        let update = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an update within 5 s")
+            .expect("stream open")
+            .expect("ok");
+        assert!(update.devices.is_empty(), "OFFLINE gives an empty list");
+    }
 }
