@@ -703,6 +703,38 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// A process's resident memory split as the kernel counts it: private anonymous memory (heap,
+/// stacks) and file-backed pages (the mapped binary and libraries, shared with the page cache and
+/// reclaimable). VmRSS is their sum plus shared memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RssParts {
+    pub anon: u64,
+    pub file: u64,
+}
+
+/// Parses `RssAnon` and `RssFile` (kB) out of a `/proc/<pid>/status` text.
+pub fn parse_rss_parts(status: &str) -> Option<RssParts> {
+    let kb = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    };
+    Some(RssParts {
+        anon: kb("RssAnon:")? * 1024,
+        file: kb("RssFile:")? * 1024,
+    })
+}
+
+/// [`RssParts`] summed over processes.
+pub fn rss_parts(pids: &[u32]) -> RssParts {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| parse_rss_parts(&s))
+        .fold(RssParts::default(), |a, b| RssParts {
+            anon: a.anon + b.anon,
+            file: a.file + b.file,
+        })
+}
+
 /// utime + stime of a process in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -724,12 +756,13 @@ pub fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// RSS (MiB) samples every `every` and average CPU (% of one core) of a container over `window`.
+/// RSS (MiB) samples every `every`, average CPU (% of one core) and the anonymous/file-backed
+/// split at the end of the window, of a container over `window`.
 pub async fn sample_container(
     container_id: &str,
     window: Duration,
     every: Duration,
-) -> Result<(Vec<f64>, f64)> {
+) -> Result<(Vec<f64>, f64, RssParts)> {
     let pids = container_pids(container_id);
     if pids.is_empty() {
         bail!("no process found for container {container_id}");
@@ -746,7 +779,7 @@ pub async fn sample_container(
     }
     let c1 = ticks(&pids);
     let cpu = (c1.saturating_sub(c0)) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0;
-    Ok((samples, cpu))
+    Ok((samples, cpu, rss_parts(&pids)))
 }
 
 /// `nproc` and total memory (GiB) of this machine, and the cgroup version.
@@ -810,6 +843,19 @@ pub fn node_status_period(node: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_parts_come_from_status_lines() {
+        let status = "Name:\tverge-agent\nVmRSS:\t   19112 kB\nRssAnon:\t    2544 kB\nRssFile:\t   16568 kB\nRssShmem:\t       0 kB\n";
+        assert_eq!(
+            parse_rss_parts(status),
+            Some(RssParts {
+                anon: 2544 * 1024,
+                file: 16568 * 1024
+            })
+        );
+        assert_eq!(parse_rss_parts("VmRSS:\t1 kB\n"), None);
+    }
 
     #[test]
     fn request_counters_of_akri_writes() {

@@ -87,9 +87,11 @@ async fn measure(
     let results = futures::future::join_all(futs).await;
     for (p, r) in procs.iter().zip(results) {
         match r {
-            Ok((rss, cpu)) => {
+            Ok((rss, cpu, parts)) => {
+                let anon = parts.anon as f64 / 1048576.0;
+                let file = parts.file as f64 / 1048576.0;
                 eprintln!(
-                    "footprint {state}: {}: RSS max {:.1} MiB, CPU {:.2}% of a core",
+                    "footprint {state}: {}: RSS max {:.1} MiB (at the end: {anon:.1} MiB anonymous, {file:.1} MiB file-backed), CPU {:.2}% of a core",
                     p.label,
                     rss.iter().copied().fold(0.0, f64::max),
                     cpu
@@ -103,6 +105,18 @@ async fn measure(
                     "MiB",
                     rss,
                     target,
+                ));
+                rows.push(Row::new(
+                    format!("{} RSS anonymous, {state}", p.label),
+                    "MiB",
+                    vec![anon],
+                    None,
+                ));
+                rows.push(Row::new(
+                    format!("{} RSS file-backed (binary, libraries), {state}", p.label),
+                    "MiB",
+                    vec![file],
+                    None,
                 ));
                 rows.push(Row::new(
                     format!("{} CPU, {state} (avg over window)", p.label),
@@ -232,6 +246,7 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
         extra: serde_json::json!({"sizes": sizes, "loaded_after_s": loaded_after}),
         notes: vec![
             "RSS = VmRSS summed over the container's processes (/proc, found by container id in /proc/<pid>/cgroup); CPU = (utime+stime) over the window".into(),
+            "RSS anonymous / file-backed = RssAnon / RssFile at the end of the window: private memory vs. resident pages of the mapped binary and libraries (shared with the page cache, reclaimable)".into(),
             format!("images carry {profile}-profile binaries (VERGE_IMAGE_PROFILE of tests/cluster/cluster images)"),
         ],
     };
