@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use verge_crds::naming;
+
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -265,6 +267,17 @@ pub async fn cleanup(cluster: &Cluster) -> Result<()> {
 
 /// A debugEcho Configuration `name` with `descriptions`, switched by `availability_file` (a path
 /// inside the agent container), optionally with a broker pod per device and a grace period.
+/// The Instance names `descriptions` give under `configuration`. debugEcho devices are shared and
+/// their id is the description; two ids can still share a name when the 3-byte name hash of the
+/// Akri contract collides (about one pair in 5,000 ids), and the agent then serves one of them and
+/// reports a `NameConflict` condition, so a run waits for the distinct names, not for one per id.
+pub fn echo_instance_names(configuration: &str, descriptions: &[String]) -> BTreeSet<String> {
+    descriptions
+        .iter()
+        .map(|d| naming::instance_name(configuration, d, true, ""))
+        .collect()
+}
+
 pub fn echo_configuration(
     name: &str,
     descriptions: &[String],
@@ -843,6 +856,18 @@ pub fn node_status_period(node: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colliding_descriptions_count_once() {
+        // "d2318" and "d2629" share the hash 6db282 (found by the 5,000-device run).
+        let descs: Vec<String> = ["d2318", "d2629", "d1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let names = echo_instance_names("vg-bench-s5000", &descs);
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains("vg-bench-s5000-6db282"), "{names:?}");
+    }
 
     #[test]
     fn rss_parts_come_from_status_lines() {

@@ -165,7 +165,8 @@ pub async fn run(ctx: &Ctx, o: &Opts) -> Result<Report> {
     .await?;
     let prefix = format!("{CONFIG}-");
     let res_prefix = naming::configuration_resource_name(&prefix);
-    let n = o.devices;
+    // A name-hash collision leaves one Instance for two ids (see `echo_instance_names`).
+    let n = echo_instance_names(CONFIG, &descs).len();
     poll(
         "all Instances",
         t0,
