@@ -43,6 +43,12 @@ pub struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
 
+    /// Create the Lease when it is missing. The chart creates it itself and turns this off:
+    /// Helm creates Leases after Deployments, so a controller that created it first made
+    /// `helm install` fail with "already exists".
+    #[arg(long, env = "VERGE_LEASE_CREATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lease_create: bool,
+
     /// Identity written into the Lease; defaults to `<hostname>-<pid>`.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

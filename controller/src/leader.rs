@@ -21,6 +21,8 @@ pub struct LeaseSettings {
     pub identity: String,
     /// How long a holder is trusted without renewing.
     pub duration: Duration,
+    /// Whether a missing Lease is created (else: waited for, as nobody's).
+    pub create: bool,
 }
 
 /// What a candidate last saw in the Lease and when.
@@ -118,6 +120,10 @@ impl Elector {
                 return Ok(false);
             }
         }
+        if current.is_none() && !self.settings.create {
+            // Its owner (the chart) has not created it yet: nobody leads until it exists.
+            return Ok(false);
+        }
         let lease = claimed(current.as_ref(), &self.settings, Timestamp::now());
         let result = match current {
             None => self.api.create(&PostParams::default(), &lease).await,
@@ -175,6 +181,7 @@ mod tests {
             name: "verge-controller".into(),
             identity: identity.into(),
             duration: Duration::from_secs(15),
+            create: true,
         }
     }
 

@@ -117,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             name: args.lease_name.clone(),
             identity: identity.clone(),
             duration: args.lease_duration,
+            create: args.lease_create,
         },
     );
     let mut shutdown = std::pin::pin!(shutdown_signal());
