@@ -10,7 +10,11 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
+    // Read at run time, not with env!(): cargo keys a build script's binary on
+    // the workspace-relative path, so a target dir shared between clones at
+    // different paths reuses it, and a compiled-in path would point at the
+    // clone that built it first.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
