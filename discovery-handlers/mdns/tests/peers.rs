@@ -156,6 +156,40 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Waits until no socket in the querier namespace holds port 5353: the
+    /// handler's daemon thread has finished its shutdown, so anything it would
+    /// send on the way out (goodbyes, had it announced anything) has been sent.
+    fn wait_mdns_sockets_closed(&self) {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.q,
+                    "cat",
+                    "/proc/net/udp",
+                    "/proc/net/udp6",
+                ])
+                .output()
+                .expect("cat /proc/net/udp");
+            let text = String::from_utf8_lossy(&out.stdout);
+            // Field 2 is local address:port in hex; 5353 = 0x14E9.
+            let bound = text.lines().skip(1).any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| a.ends_with(":14E9"))
+            });
+            if !bound {
+                return;
+            }
+            assert!(Instant::now() < end, "the mDNS daemon did not shut down");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         for ns in [&self.q, &self.p].into_iter().chain(self.u.as_ref()) {
@@ -910,4 +944,669 @@ fn hostile_packets_do_not_hurt() {
         ],
     );
     h.wait("service after the storm", has("After._http._tcp.local."));
+}
+
+// ---------------------------------------------------------------------------
+// What the handler puts on the LAN, seen from the peer namespace.
+
+/// One mDNS packet seen on the peer's end of the link.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    v6: bool,
+    /// Sent by the querier namespace (the handler): everything on this link
+    /// that the peer namespace did not send itself.
+    from_querier: bool,
+    response: bool,
+    authorities: u16,
+    questions: Vec<(String, u16)>,
+}
+
+/// Counts mDNS packets on the peer's veth with an `AF_PACKET` socket: it sees
+/// every frame on the link, so it neither takes port 5353 from the peers nor
+/// misses unicast replies, and the kernel's drop counter says whether it kept up.
+struct Capture {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+impl Capture {
+    fn start(ns: &str, ifname: &str) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let ifname = std::ffi::CString::new(ifname).expect("ifname");
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let thread = in_netns(ns, move || {
+            // SAFETY: plain socket calls on a descriptor this thread owns; every
+            // pointer handed to the kernel points at a live local of the right size.
+            unsafe {
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+                let index = libc::if_nametoindex(ifname.as_ptr());
+                assert!(index > 0, "no interface {ifname:?}");
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    fd,
+                    &sll as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                // A flood answered without a limit is tens of thousands of frames in
+                // a second: a big buffer, so the count is the handler's, not ours.
+                let buf: libc::c_int = 64 << 20;
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    &buf as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                );
+                // Wakes the loop to look at the stop flag.
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                let _ = ready_tx.send(());
+                let mut frame = vec![0u8; 65536];
+                loop {
+                    // Read on after the stop until the queue is empty (one
+                    // receive timeout), so frames sent before the stop all count.
+                    let stopping = stop2.load(Ordering::SeqCst);
+                    let mut from: libc::sockaddr_ll = std::mem::zeroed();
+                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    let n = libc::recvfrom(
+                        fd,
+                        frame.as_mut_ptr() as *mut libc::c_void,
+                        frame.len(),
+                        0,
+                        &mut from as *mut _ as *mut libc::sockaddr,
+                        &mut len,
+                    );
+                    if n <= 0 {
+                        if stopping {
+                            break;
+                        }
+                        continue;
+                    }
+                    let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+                    if let Some(s) = parse_frame(&frame[..n as usize], !outgoing) {
+                        seen2.lock().expect("lock").push(s);
+                    }
+                }
+                let mut stats: libc::tpacket_stats = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::tpacket_stats>() as u32;
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_PACKET,
+                    libc::PACKET_STATISTICS,
+                    &mut stats as *mut _ as *mut libc::c_void,
+                    &mut len,
+                );
+                libc::close(fd);
+                stats.tp_drops
+            }
+        });
+        ready_rx.recv_timeout(DEADLINE).expect("capture started");
+        Capture {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// Stops capturing; returns everything seen and the frames the kernel dropped.
+    fn finish(mut self) -> (Vec<Seen>, u32) {
+        self.stop.store(true, Ordering::SeqCst);
+        let drops = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("capture thread"))
+            .unwrap_or(0);
+        (self.snapshot(), drops)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An Ethernet frame carrying UDP to or from port 5353, decoded far enough to
+/// tell queries from responses and to name the questions.
+fn parse_frame(f: &[u8], from_querier: bool) -> Option<Seen> {
+    let ethertype = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    let ip = f.get(14..)?;
+    let (v6, udp) = match ethertype {
+        0x0800 if ip.first()? >> 4 == 4 && *ip.get(9)? == 17 => {
+            (false, ip.get(usize::from(ip[0] & 0x0f) * 4..)?)
+        }
+        0x86dd if *ip.get(6)? == 17 => (true, ip.get(40..)?),
+        _ => return None,
+    };
+    let sport = u16::from_be_bytes([*udp.first()?, *udp.get(1)?]);
+    let dport = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+    if sport != 5353 && dport != 5353 {
+        return None;
+    }
+    let dns = udp.get(8..)?;
+    let word = |i: usize| Some(u16::from_be_bytes([*dns.get(i)?, *dns.get(i + 1)?]));
+    let flags = word(2)?;
+    let mut questions = Vec::new();
+    let mut at = 12;
+    for _ in 0..word(4)? {
+        let (name, next) = dns_name(dns, at)?;
+        questions.push((name, word(next)?));
+        at = next + 4;
+    }
+    Some(Seen {
+        at: Instant::now(),
+        v6,
+        from_querier,
+        response: flags & 0x8000 != 0,
+        authorities: word(8)?,
+        questions,
+    })
+}
+
+/// A (possibly compressed) DNS name at `at`; returns it and the offset after it.
+fn dns_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut labels = Vec::new();
+    let mut end = None;
+    for _ in 0..128 {
+        let len = *msg.get(at)?;
+        match len {
+            0 => {
+                let name = labels.join(".") + ".";
+                return Some((name, end.unwrap_or(at + 1)));
+            }
+            l if l & 0xc0 == 0xc0 => {
+                end.get_or_insert(at + 2);
+                at = usize::from(u16::from_be_bytes([l & 0x3f, *msg.get(at + 1)?]));
+            }
+            l => {
+                let label = msg.get(at + 1..at + 1 + usize::from(l))?;
+                labels.push(String::from_utf8_lossy(label).into_owned());
+                at += 1 + usize::from(l);
+            }
+        }
+    }
+    None
+}
+
+/// The queries the handler sent, per address family and question, with their
+/// times relative to `t0`.
+fn queries_by_question(seen: &[Seen], t0: Instant) -> BTreeMap<(bool, String, u16), Vec<f64>> {
+    let mut by_q: BTreeMap<(bool, String, u16), Vec<f64>> = BTreeMap::new();
+    for s in seen.iter().filter(|s| s.from_querier && !s.response) {
+        for (name, ty) in &s.questions {
+            by_q.entry((s.v6, name.to_lowercase(), *ty & 0x7fff))
+                .or_default()
+                .push(s.at.saturating_duration_since(t0).as_secs_f64());
+        }
+    }
+    by_q
+}
+
+/// RFC 6762 §5.2: "the interval between the first two queries MUST be at least
+/// one second, the intervals between successive queries MUST increase by at
+/// least a factor of two". Returns the questions that broke it. The tolerance
+/// covers the capture's timestamps (taken when the frame is read, not sent).
+fn spacing_violations(by_q: &BTreeMap<(bool, String, u16), Vec<f64>>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for ((v6, name, ty), times) in by_q {
+        let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        let mut ok = gaps.first().is_none_or(|g| *g >= 0.95);
+        ok &= gaps.windows(2).all(|g| g[1] >= 1.9 * g[0]);
+        if !ok {
+            bad.push(format!(
+                "{} {name} type {ty}: sent at {times:.3?}",
+                if *v6 { "IPv6" } else { "IPv4" }
+            ));
+        }
+    }
+    bad
+}
+
+/// Reads the handler's updates until `until` (a measurement window: what is
+/// measured is what happens on the wire meanwhile, so there is no condition to wait on).
+fn observe_until(h: &mut Handler, until: Instant) {
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Ok(Ok(l)) = h.updates.recv_timeout(left.min(Duration::from_millis(200))) {
+            h.latest = l;
+        }
+    }
+}
+
+/// A shared PTR record (no cache-flush bit: PTRs of a service type are shared,
+/// so a querier also lists them as known answers).
+fn shared_ptr(owner: &[u8], ttl: u32, target: &[u8]) -> Vec<u8> {
+    let mut v = owner.to_vec();
+    v.extend_from_slice(&12u16.to_be_bytes());
+    v.extend_from_slice(&1u16.to_be_bytes());
+    v.extend_from_slice(&ttl.to_be_bytes());
+    v.extend_from_slice(&(target.len() as u16).to_be_bytes());
+    v.extend_from_slice(target);
+    v
+}
+
+#[test]
+fn queries_are_rate_limited_also_under_a_ptr_flood() {
+    if !prerequisites() {
+        return;
+    }
+    let tb = Testbed::new(false);
+    let capture = Capture::start(&tb.p, &tb.p_if);
+    let mut avahi = Avahi::start(&tb);
+    avahi.publish("Lan", "_http._tcp", 80, &["path=/"]);
+
+    // Normal browsing: one type, one service, 8 s.
+    let normal = Duration::from_secs(8);
+    let t0 = Instant::now();
+    let mut h = Handler::start(&tb.q, "serviceTypes: [_http._tcp]");
+    h.wait("service on the LAN", has("Lan._http._tcp.local."));
+    let found = t0.elapsed();
+    observe_until(&mut h, t0 + normal);
+    let seen = capture.snapshot();
+    let by_q = queries_by_question(&seen, t0);
+    let sent = |v6: bool| {
+        seen.iter()
+            .filter(|s| s.from_querier && !s.response && s.v6 == v6)
+            .count()
+    };
+    let (normal_v4, normal_v6) = (sent(false), sent(true));
+    println!(
+        "normal browse: found in {found:?}; queries in {normal:?}: IPv4 {normal_v4}, IPv6 {normal_v6}; by question {by_q:?}"
+    );
+    assert_eq!(spacing_violations(&by_q), Vec::<String>::new());
+    // §5.2: the first query of a series waits a random 20–120 ms (t0 is taken
+    // before the browse starts, so this can only be early, never late).
+    let first = by_q.values().flatten().fold(f64::MAX, |a, b| a.min(*b));
+    assert!(first >= 0.020, "first query {first:.3} s after the start");
+    // §5.2's schedule allows 1 + ⌊log2(8 + 1)⌋ = 4 queries of a question in 8 s
+    // (at 0, 1, 3, 7 s). A browse with one service asks two things: the type's
+    // PTR, and (only if its records did not all come with the PTR) the instance's
+    // SRV and TXT, in one message.
+    let ptr_rounds = 1 + (normal.as_secs_f64() + 1.0).log2().floor() as usize;
+    for v6 in [false, true] {
+        let ptr = by_q
+            .get(&(v6, "_http._tcp.local.".to_string(), 12))
+            .map_or(0, Vec::len);
+        assert!(
+            ptr <= ptr_rounds,
+            "{ptr} PTR queries in {normal:?}, §5.2 allows {ptr_rounds}"
+        );
+        assert!(
+            sent(v6) <= 2 * ptr_rounds,
+            "{} queries in {normal:?} (IPv6: {v6}), §5.2 allows {}",
+            sent(v6),
+            2 * ptr_rounds
+        );
+    }
+
+    // The flood: 3000 made-up instances of the browsed type, PTRs only, so every
+    // one of them is unresolved (upstream mdns-sd queried each SRV/TXT 4 times,
+    // on both families, and again at every browse round).
+    let flood = 3000;
+    let window = Duration::from_secs(12);
+    let t1 = Instant::now();
+    let sender = in_netns(&tb.p, move || {
+        let s = UdpSocket::bind("10.254.110.2:0").expect("bind");
+        let ty = name(&[b"_http", b"_tcp", b"local"]);
+        for i in 0..flood {
+            let label = format!("flood-{i}");
+            let p = response(&[shared_ptr(
+                &ty,
+                120,
+                &name(&[label.as_bytes(), b"_http", b"_tcp", b"local"]),
+            )]);
+            let _ = s.send_to(&p, "224.0.0.251:5353");
+            if i % 50 == 0 {
+                // Paced, so the kernel's socket buffers keep it all.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    sender.join().expect("flood");
+    let flood_sent = t1.elapsed();
+    observe_until(&mut h, t1 + window);
+    drop(h);
+    tb.wait_mdns_sockets_closed();
+    let (seen, drops) = capture.finish();
+    assert_eq!(
+        drops, 0,
+        "the capture dropped frames: the counts would be low"
+    );
+
+    let flood_seen: Vec<Seen> = seen.iter().filter(|s| s.at >= t1).cloned().collect();
+    let by_q = queries_by_question(&flood_seen, t1);
+    let ours = |v6: bool| {
+        flood_seen
+            .iter()
+            .filter(|s| s.from_querier && !s.response && s.v6 == v6)
+            .collect::<Vec<_>>()
+    };
+    let instance_questions = by_q
+        .keys()
+        .filter(|(_, n, _)| n.starts_with("flood-"))
+        .count();
+    let mut peak = 0;
+    for s in ours(false) {
+        let n = ours(false)
+            .iter()
+            .filter(|o| o.at >= s.at && o.at < s.at + Duration::from_secs(1))
+            .count();
+        peak = peak.max(n);
+    }
+    let (v4, v6) = (ours(false).len(), ours(true).len());
+    println!(
+        "flood of {flood} PTRs sent in {flood_sent:?}; queries in the {window:?} after: IPv4 {v4}, IPv6 {v6} \
+         ({:.1}/s per family), peak {peak} in one second (IPv4); {instance_questions} distinct instance questions; \
+         most-asked question {:?}",
+        v4 as f64 / window.as_secs_f64(),
+        by_q.iter()
+            .max_by_key(|(_, t)| t.len())
+            .map(|(q, t)| (q, t.len())),
+    );
+    // Per question: §5.2 spacing, whatever path (resolve retries, browse rounds) sent it.
+    assert_eq!(spacing_violations(&by_q), Vec::<String>::new());
+    // In aggregate: the follow-up budget (a burst, then a steady rate), plus the
+    // browse's own PTR queries at §5.2's schedule, each at most
+    // `MAX_QUERY_PACKETS` packets long with its known answers. A follow-up query
+    // is one packet: it asks for records not in the cache, so it lists no known answers.
+    let rounds = 1 + (window.as_secs_f64() + 1.0).log2().floor() as usize;
+    let bound = mdns_sd::FOLLOW_UP_QUERY_BURST as usize
+        + (mdns_sd::FOLLOW_UP_QUERIES_PER_SEC * window.as_secs_f64()).ceil() as usize
+        + rounds * mdns_sd::MAX_QUERY_PACKETS;
+    for (family, n) in [("IPv4", v4), ("IPv6", v6)] {
+        assert!(
+            n <= bound,
+            "{family}: {n} queries in {window:?}, bound {bound}"
+        );
+    }
+    assert!(
+        peak <= mdns_sd::FOLLOW_UP_QUERY_BURST as usize
+            + mdns_sd::FOLLOW_UP_QUERIES_PER_SEC.ceil() as usize
+            + 2 * mdns_sd::MAX_QUERY_PACKETS,
+        "{peak} queries in one second"
+    );
+    // Nothing but queries, ever.
+    assert!(seen.iter().all(|s| !s.from_querier || !s.response));
+}
+
+#[test]
+fn never_answers_or_announces() {
+    if !prerequisites() {
+        return;
+    }
+    let tb = Testbed::new(false);
+    let capture = Capture::start(&tb.p, &tb.p_if);
+    let mut avahi = Avahi::start(&tb);
+    avahi.publish("Lan", "_http._tcp", 80, &["path=/"]);
+    let mut h = Handler::start(&tb.q, "serviceTypes: [_http._tcp, _ipp._tcp]");
+    // Its cache now holds records it could wrongly answer from.
+    h.wait("service on the LAN", has("Lan._http._tcp.local."));
+
+    // Ask about everything it knows or is: the browsed types, the instance and its
+    // host (from the cache), the machine's own host name, the DNS-SD meta query;
+    // as multicast, unicast-response (QU) and legacy unicast (from a random
+    // port, to the handler's address: a responder answers those by unicast).
+    let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let avahi_host = avahi.host.clone();
+    let p_if = std::ffi::CString::new(tb.p_if.clone()).expect("ifname");
+    let asked = in_netns(&tb.p, move || {
+        // SAFETY: a valid C string.
+        let scope = unsafe { libc::if_nametoindex(p_if.as_ptr()) };
+        let group6 = format!("[ff02::fb%{scope}]:5353");
+        let mut questions: Vec<(Vec<u8>, u16)> = vec![
+            (name(&[b"_http", b"_tcp", b"local"]), 12),
+            (name(&[b"_ipp", b"_tcp", b"local"]), 12),
+            (name(&[b"_services", b"_dns-sd", b"_udp", b"local"]), 12),
+        ];
+        for ty in [33, 16, 255] {
+            questions.push((name(&[b"Lan", b"_http", b"_tcp", b"local"]), ty));
+        }
+        for host in [
+            avahi_host.trim_end_matches('.'),
+            &format!("{machine}.local"),
+        ] {
+            let labels: Vec<&[u8]> = host.split('.').map(str::as_bytes).collect();
+            for ty in [1, 28, 255] {
+                questions.push((name(&labels), ty));
+            }
+        }
+        let legacy = UdpSocket::bind("10.254.110.2:0").expect("bind");
+        let legacy6 = UdpSocket::bind("[fd00:254:110::2]:0").expect("bind6");
+        let mut n = 0;
+        for round in 0..3 {
+            for (qname, ty) in &questions {
+                for qu in [false, true] {
+                    let mut p = vec![0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+                    p.extend_from_slice(qname);
+                    p.extend_from_slice(&ty.to_be_bytes());
+                    p.extend_from_slice(&(if qu { 0x8001u16 } else { 1 }).to_be_bytes());
+                    for dest in ["224.0.0.251:5353", "10.254.110.1:5353"] {
+                        let _ = legacy.send_to(&p, dest);
+                        n += 1;
+                    }
+                    for dest in [group6.as_str(), "[fd00:254:110::1]:5353"] {
+                        let _ = legacy6.send_to(&p, dest);
+                        n += 1;
+                    }
+                }
+            }
+            if round < 2 {
+                // Rounds a second apart: a responder's per-record rate limit
+                // (RFC 6762 §6) could not hold back a second answer.
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+        }
+        n
+    });
+    let asked = asked.join().expect("queries");
+    let t = Instant::now();
+    // Responses go out within 20–120 ms, 500 ms for truncated queries (§6); the
+    // capture keeps running well past that.
+    observe_until(&mut h, t + Duration::from_millis(1500));
+    drop(h);
+    tb.wait_mdns_sockets_closed();
+    let (seen, drops) = capture.finish();
+    assert_eq!(drops, 0);
+    let ours: Vec<&Seen> = seen.iter().filter(|s| s.from_querier).collect();
+    let responses: Vec<&&Seen> = ours.iter().filter(|s| s.response).collect();
+    let probes: Vec<&&Seen> = ours.iter().filter(|s| s.authorities > 0).collect();
+    let peer_responses = seen
+        .iter()
+        .filter(|s| !s.from_querier && s.response)
+        .count();
+    println!(
+        "asked {asked} queries; the handler sent {} packets: {} queries, {} responses, {} probes; \
+         the peer (avahi) sent {peer_responses} responses",
+        ours.len(),
+        ours.len() - responses.len(),
+        responses.len(),
+        probes.len()
+    );
+    assert!(responses.is_empty(), "the handler answered: {responses:?}");
+    assert!(probes.is_empty(), "the handler probed: {probes:?}");
+    // The capture does see responses on this link: avahi's.
+    assert!(peer_responses > 0, "the capture saw no response at all");
+    assert!(
+        !ours.is_empty(),
+        "the capture saw none of the handler's queries"
+    );
+}
+
+#[test]
+fn subtype_browse_finds_only_the_subtype() {
+    if !prerequisites() {
+        return;
+    }
+    let tb = Testbed::new(false);
+    let mut avahi = Avahi::start(&tb);
+    let args = [
+        "avahi-publish",
+        "-s",
+        "--subtype=_printer._sub._http._tcp",
+        "Sub Printer",
+        "_http._tcp",
+        "631",
+        "rp=ipp",
+    ];
+    avahi
+        .publishers
+        .push(avahi.nsenter(&args).spawn().expect("avahi-publish"));
+    avahi.publish("Plain", "_http._tcp", 80, &[]);
+    avahi.publish("Other Sub", "_ipp._tcp", 631, &[]);
+    let mut all = Handler::start(&tb.q, "serviceTypes: [_http._tcp]");
+    let mut sub = Handler::start(&tb.q, "serviceTypes: [_http._tcp]\nsubtypes: [_printer]");
+    let mut none = Handler::start(&tb.q, "serviceTypes: [_http._tcp]\nsubtypes: [_scanner]");
+    let sub_id = "Sub Printer._http._tcp.local.";
+    all.wait("both _http services", |l| {
+        has(sub_id)(l) && has("Plain._http._tcp.local.")(l)
+    });
+    let list = sub.wait("the subtype service", has(sub_id));
+    let p = props(device(&list, sub_id));
+    assert_eq!(p["MDNS_SERVICE_TYPE"], "_http._tcp.local.");
+    assert_eq!(p["MDNS_INSTANCE"], "Sub Printer");
+    assert_eq!(p["MDNS_PORT"], "631");
+    assert_eq!(p["MDNS_TXT_RP"], "ipp");
+    // The plain browse has seen both: the subtype browses have had the same
+    // answers (one daemon each, same multicast). Drain what they got since.
+    for h in [&mut sub, &mut none] {
+        while let Ok(Ok(l)) = h.updates.try_recv() {
+            h.latest = l;
+        }
+    }
+    println!(
+        "all: {:?}; _printer: {:?}; _scanner: {:?}",
+        all.ids(),
+        sub.ids(),
+        none.ids()
+    );
+    assert_eq!(sub.ids(), [sub_id]);
+    assert!(none.ids().is_empty());
+}
+
+#[test]
+fn address_change_updates_addresses() {
+    if !prerequisites() {
+        return;
+    }
+    let tb = Testbed::new(false);
+    sh(&format!(
+        "ip -n {} addr add 10.254.110.3/24 dev {}",
+        tb.p, tb.p_if
+    ));
+    let capture = Capture::start(&tb.p, &tb.p_if);
+    let mut h = Handler::start(&tb.q, "serviceTypes: [_rtsp._tcp]");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/readdress.py");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &tb.p])
+        .arg(python())
+        .arg(script)
+        .args([
+            "--name",
+            "Mover",
+            "--type",
+            "_rtsp._tcp.local.",
+            "--port",
+            "554",
+            "--host",
+            "mover.local.",
+            "--bind",
+            "10.254.110.2",
+            "--addr",
+            "10.254.110.2",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("readdress.py");
+    let mut p = ZcPublisher {
+        out: BufReader::new(child.stdout.take().expect("stdout")),
+        child,
+    };
+    p.expect_line("ready");
+    let id = "Mover._rtsp._tcp.local.";
+    let addresses = |want: &'static str| {
+        move |l: &[Device]| {
+            l.iter().any(|d| {
+                d.id == id && d.properties.get("MDNS_ADDRESSES").map(String::as_str) == Some(want)
+            })
+        }
+    };
+    h.wait("first address", addresses("10.254.110.2"));
+    // RFC 6762 §10.2 flushes only records received more than a second before the
+    // cache-flush record ("not part of the same packet burst"): a change made
+    // while zeroconf is still repeating its announcements keeps the old address
+    // until its TTL, by design. So the change comes once the peer has been quiet
+    // for over a second, as it is when a device really moves.
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let last = capture
+            .snapshot()
+            .iter()
+            .filter(|s| !s.from_querier && s.response)
+            .map(|s| s.at)
+            .max();
+        if last.is_some_and(|at| at.elapsed() > Duration::from_millis(1200)) {
+            break;
+        }
+        assert!(Instant::now() < end, "the peer never went quiet");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let t = Instant::now();
+    p.command("addr 10.254.110.3", "updated");
+    let mut updates = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    while !addresses("10.254.110.3")(&h.latest) {
+        let left = end.saturating_duration_since(Instant::now());
+        match h.updates.recv_timeout(left) {
+            Ok(Ok(l)) => {
+                h.latest = l;
+                if let Some(d) = h.latest.iter().find(|d| d.id == id) {
+                    updates.push((t.elapsed(), props(d)["MDNS_ADDRESSES"].clone()));
+                }
+                // The device is updated in place: never dropped on the way.
+                assert!(has(id)(&h.latest), "removed during the change");
+            }
+            Ok(Err(e)) => panic!("handler error {e}"),
+            Err(_) => panic!("address not updated within {DEADLINE:?}: {updates:?}"),
+        }
+    }
+    println!(
+        "address change → updated: {:?} (steps {updates:?})",
+        t.elapsed()
+    );
+    // RFC 6762 §10.2: the old address is flushed one second after the new one
+    // arrives with the cache-flush bit; our goodbye grace does not apply to it.
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
 }

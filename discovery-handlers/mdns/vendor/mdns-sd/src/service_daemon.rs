@@ -36,7 +36,7 @@ use crate::{
         ip_address_rr_type, max_pkt_absolute, DnsAddress, DnsEntryExt, DnsIncoming, DnsNSec,
         DnsOutgoing, DnsPointer, DnsQuestion, DnsRecordBox, DnsRecordExt, DnsSrv, DnsTxt,
         InterfaceId, RRType, ScopedIp, CLASS_CACHE_FLUSH, CLASS_IN, FLAGS_AA, FLAGS_QR_QUERY,
-        FLAGS_QR_RESPONSE, MAX_PKT_ABSOLUTE_IPV6, MAX_PKT_DEFAULT,
+        FLAGS_QR_RESPONSE, FLAGS_TC, MAX_PKT_ABSOLUTE_IPV6, MAX_PKT_DEFAULT,
     },
     error::{e_fmt, Error, Result},
     service_info::{
@@ -88,10 +88,35 @@ const GROUP_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xfb);
 /// behind and the channel fills, the subscription is closed (see those APIs).
 const EVENT_CHANNEL_CAPACITY: usize = 1000;
 
+/// Verge patch (query rate limit): follow-up queries (SRV/TXT of an instance
+/// found by PTR, A/AAAA of its host, and the cache refreshes of those) draw on
+/// one token bucket per daemon: at most this many at once...
+pub const FOLLOW_UP_QUERY_BURST: u32 = 32;
+
+/// ...and this many per second after that. See `QueryBudget`.
+pub const FOLLOW_UP_QUERIES_PER_SEC: f64 = 10.0;
+
+/// Verge patch (query rate limit): a query message goes out as at most this
+/// many packets per interface and address family; known answers that do not
+/// fit are left out. See `send_dns_outgoing_impl`.
+pub const MAX_QUERY_PACKETS: usize = 2;
+
 /// The first fast-path follow-up resolve query fires this soon after an
-/// instance is found via PTR. Subsequent tries back off exponentially
-/// (200ms, 400ms, 800ms, 1600ms), see `exec_command_resolve`.
+/// instance is found via PTR (its SRV/TXT/A records usually come with the PTR,
+/// or right after, so most instances need no query at all).
+///
+/// Verge patch (query rate limit): the later tries are 1 s, 2 s, 4 s apart
+/// (`RESOLVE_RETRY_INTERVAL_MILLIS`), not 400, 800, 1600 ms: RFC 6762 §5.2 wants
+/// repeated queries at least a second apart, the interval at least doubling.
 const RESOLVE_RETRY_BASE_MILLIS: u64 = 200;
+
+/// Verge patch (query rate limit): the first retry of a resolve comes this long
+/// after the first try, each next one twice as long after the previous.
+const RESOLVE_RETRY_INTERVAL_MILLIS: u64 = 1000;
+
+/// Verge patch (query rate limit): the longest a follow-up question waits
+/// between two askings (RFC 6762 §5.2 caps a query series at 60 minutes).
+const FOLLOW_UP_MAX_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
 /// Max number of fast-path resolve tries before the browse retransmission
 /// cycle takes over re-querying (see `query_unresolved_instances`).
@@ -134,9 +159,9 @@ const SHARED_RESPONSE_DELAY_MAX_MILLIS: u64 = 50;
 /// continuous-monitoring series by a randomly chosen amount in the range
 /// 20-120 ms.
 ///
-/// Like the responder delay above, we use a shorter 10-50 ms window.
-const INITIAL_QUERY_DELAY_MIN_MILLIS: u64 = 10;
-const INITIAL_QUERY_DELAY_MAX_MILLIS: u64 = 50;
+/// Verge patch (query rate limit): the RFC's window; upstream used 10-50 ms.
+const INITIAL_QUERY_DELAY_MIN_MILLIS: u64 = 20;
+const INITIAL_QUERY_DELAY_MAX_MILLIS: u64 = 120;
 
 /// The smallest gap between the wall clock and `Instant` that is taken as the
 /// system having slept. Smaller gaps are left alone: they are within the
@@ -1218,6 +1243,13 @@ struct Zeroconf {
     /// Service instances that are already resolved.
     resolved: HashSet<String>,
 
+    /// Verge patch (query rate limit): when each unresolved instance's
+    /// follow-up question was last asked and may next be asked.
+    follow_ups: HashMap<String, FollowUp>,
+
+    /// Verge patch (query rate limit): the budget all follow-up queries share.
+    follow_up_budget: QueryBudget,
+
     multicast_loop_v4: bool,
 
     multicast_loop_v6: bool,
@@ -1466,6 +1498,8 @@ impl Zeroconf {
             status,
             pending_resolves: HashSet::new(),
             resolved: HashSet::new(),
+            follow_ups: HashMap::new(),
+            follow_up_budget: QueryBudget::new(Instant::now()),
             multicast_loop_v4: true,
             multicast_loop_v6: true,
             accept_unsolicited: false,
@@ -2915,41 +2949,123 @@ impl Zeroconf {
         true
     }
 
-    /// Returns true, if sent query. Returns false if SRV already exists.
+    /// Returns true while `instance` still needs a query (whether or not one
+    /// went out now), false once its SRV and addresses are in the cache.
+    ///
+    /// Verge patch (query rate limit): the question goes out only when
+    /// `follow_up_allowed` says so; upstream sent it on every call, and every
+    /// browse round and resolve retry calls this for every unresolved instance.
     fn query_unresolved(&mut self, instance: &str) -> bool {
         if !valid_instance_name(instance) {
             trace!("instance name {} not valid", instance);
             return false;
         }
 
-        if let Some(records) = self.cache.get_srv(instance) {
-            for record in records {
-                if let Some(srv) = record.record.any().downcast_ref::<DnsSrv>() {
-                    if self.cache.get_addr(srv.host()).is_none() {
+        let questions: Vec<(String, RRType)> = match self.cache.get_srv(instance) {
+            Some(records) => {
+                let cache = &self.cache;
+                let missing_host = records
+                    .iter()
+                    .filter_map(|r| r.record.any().downcast_ref::<DnsSrv>())
+                    .map(|srv| srv.host())
+                    .find(|host| cache.get_addr(host).is_none());
+                match missing_host {
+                    Some(host) => {
                         debug!(
-                            "query_unresolved: SRV record found for instance: {}, host: {}, sending address query",
-                            instance,
-                            srv.host()
+                            "query_unresolved: SRV record found for instance: {}, host: {}, address query due",
+                            instance, host
                         );
-                        self.send_query_vec(&[(srv.host(), RRType::A), (srv.host(), RRType::AAAA)]);
-                        return true;
+                        vec![
+                            (host.to_string(), RRType::A),
+                            (host.to_string(), RRType::AAAA),
+                        ]
                     }
+                    None => return false,
                 }
             }
-        } else {
-            debug!(
-                "query_unresolved: SRV record not found for instance: {}, sending SRV+TXT query",
-                instance
-            );
-            // Query SRV and TXT explicitly rather than RRType::ANY. RFC 6762 §6.5 makes
-            // ANY legal, but SRV+TXT is what Bonjour's DNSServiceResolve and Avahi send,
-            // so it is the path every responder is actually exercised on; it also lets
-            // known-answer suppression apply (`get_known_answers` has no ANY case).
-            self.send_query_vec(&[(instance, RRType::SRV), (instance, RRType::TXT)]);
-            return true;
-        }
+            None => {
+                debug!(
+                    "query_unresolved: SRV record not found for instance: {}, SRV+TXT query due",
+                    instance
+                );
+                // Query SRV and TXT explicitly rather than RRType::ANY. RFC 6762 §6.5 makes
+                // ANY legal, but SRV+TXT is what Bonjour's DNSServiceResolve and Avahi send,
+                // so it is the path every responder is actually exercised on; it also lets
+                // known-answer suppression apply (`get_known_answers` has no ANY case).
+                vec![
+                    (instance.to_string(), RRType::SRV),
+                    (instance.to_string(), RRType::TXT),
+                ]
+            }
+        };
 
-        false
+        if self.follow_up_allowed(instance, Instant::now()) {
+            let refs: Vec<(&str, RRType)> =
+                questions.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+            self.send_query_vec(&refs);
+        }
+        true
+    }
+
+    /// Verge patch (query rate limit): whether the follow-up question of
+    /// `instance` may go out now, and if so, books it.
+    ///
+    /// Per instance, RFC 6762 §5.2: a second asking at least 1 s after the
+    /// first, every next interval at least twice the previous one (whichever
+    /// path asks: resolve retries, browse rounds), at most 60 minutes. Across
+    /// instances, the shared budget: a PTR flood of made-up instances would
+    /// otherwise make the daemon query each of them (upstream: 200 ms after the
+    /// PTR, then 400, 800, 1600 ms apart, and at every browse round, on every
+    /// interface and address family).
+    fn follow_up_allowed(&mut self, instance: &str, now: Instant) -> bool {
+        let previous = self.follow_ups.get(instance).map(|f| f.last);
+        if let Some(f) = self.follow_ups.get(instance) {
+            if now < f.next {
+                return false;
+            }
+        }
+        if !self.follow_up_budget.take(now) {
+            trace!("follow-up query for {} deferred: budget spent", instance);
+            return false;
+        }
+        let interval = match previous {
+            None => Duration::from_millis(RESOLVE_RETRY_INTERVAL_MILLIS),
+            Some(last) => now.saturating_duration_since(last) * 2,
+        }
+        .clamp(
+            Duration::from_millis(RESOLVE_RETRY_INTERVAL_MILLIS),
+            FOLLOW_UP_MAX_INTERVAL,
+        );
+        self.follow_ups.insert(
+            instance.to_string(),
+            FollowUp {
+                last: now,
+                next: now + interval,
+            },
+        );
+        true
+    }
+
+    /// Verge patch (query rate limit): forgets the follow-up schedule of
+    /// instances that are resolved or no longer pointed to by any PTR. Run at
+    /// every browse round (at most 60 min apart); entries are only made when a
+    /// query goes out, which the budget limits, so between two prunes the table
+    /// gains at most `FOLLOW_UP_QUERY_BURST` + 10/s × 60 min (36,032) entries.
+    fn prune_follow_ups(&mut self) {
+        if self.follow_ups.is_empty() {
+            return;
+        }
+        let live: HashSet<&str> = self
+            .cache
+            .all_ptr()
+            .values()
+            .flatten()
+            .filter_map(|r| r.record.any().downcast_ref::<DnsPointer>())
+            .map(|ptr| ptr.alias())
+            .collect();
+        let resolved = &self.resolved;
+        self.follow_ups
+            .retain(|instance, _| !resolved.contains(instance) && live.contains(instance.as_str()));
     }
 
     /// Re-issues follow-up queries (SRV / address) for every instance of
@@ -4106,6 +4222,7 @@ impl Zeroconf {
 
         self.send_query(&ty, RRType::PTR);
 
+        self.prune_follow_ups();
         self.query_unresolved_instances(&ty);
 
         self.increase_counter(Counter::Browse, 1);
@@ -4193,8 +4310,8 @@ impl Zeroconf {
             // Note that if the current try already succeeds, the next retransmission
             // will be no-op as the cache has been updated.
             //
-            // Back off exponentially
-            let next_delay = RESOLVE_RETRY_BASE_MILLIS << try_count;
+            // Back off exponentially: 1 s, 2 s, 4 s (Verge patch, RFC 6762 §5.2).
+            let next_delay = RESOLVE_RETRY_INTERVAL_MILLIS << try_count.saturating_sub(1);
             let next_time = Instant::now() + Duration::from_millis(next_delay);
             self.add_retransmission(next_time, Command::Resolve(instance, try_count + 1));
         } else {
@@ -4423,6 +4540,13 @@ impl Zeroconf {
 
             let (instances, timers) = self.cache.refresh_due_srv_txt(ty_domain);
             for (instance, types) in instances {
+                // Verge patch (query rate limit): refreshes of instance records
+                // share the follow-up budget (a flood of complete made-up services
+                // would otherwise be re-queried all at once at 80 % of their TTL).
+                // A refresh left out here is tried again at 85, 90 and 95 %.
+                if !self.follow_up_budget.take(Instant::now()) {
+                    continue;
+                }
                 trace!("sending refresh query for: {}", instance);
                 let query_vec = types
                     .into_iter()
@@ -4434,6 +4558,10 @@ impl Zeroconf {
             new_timers.extend(timers);
             let (hostnames, timers) = self.cache.refresh_due_hosts(ty_domain);
             for hostname in hostnames.iter() {
+                // Verge patch (query rate limit): as for SRV/TXT above.
+                if !self.follow_up_budget.take(Instant::now()) {
+                    continue;
+                }
                 trace!("sending refresh queries for A and AAAA:  {}", hostname);
                 self.send_query_vec(&[(hostname, RRType::A), (hostname, RRType::AAAA)]);
                 query_addr_count += 2;
@@ -5041,7 +5169,18 @@ fn send_dns_outgoing_impl(
         }
     }
 
-    let packet_list = out.to_data_on_wire(config.max_packet_size, config.is_ipv4);
+    let mut packet_list = out.to_data_on_wire(config.max_packet_size, config.is_ipv4);
+    // Verge patch (query rate limit): a query is at most `MAX_QUERY_PACKETS`
+    // packets. Questions come first, so what is cut is known answers (RFC 6762
+    // §7.1 makes listing them an optimisation: a responder just answers the ones
+    // left out), and the last packet kept no longer says more follow (§7.2 TC).
+    // Probes (authority records) are left whole.
+    if out.is_query() && out.authorities().is_empty() && packet_list.len() > MAX_QUERY_PACKETS {
+        packet_list.truncate(MAX_QUERY_PACKETS);
+        if let Some(flags) = packet_list.last_mut().and_then(|p| p.get_mut(2)) {
+            *flags &= !((FLAGS_TC >> 8) as u8);
+        }
+    }
     for packet in packet_list.iter() {
         match unicast_dest {
             Some(dest) => unicast_on_intf(packet, if_name, dest, sock),
@@ -5495,4 +5634,68 @@ fn resolve_addr_to_index(if_kind: IfKind, interfaces: &[Interface]) -> IfKind {
         }
     }
     if_kind
+}
+
+/// Verge patch (query rate limit): one unresolved instance's follow-up schedule.
+struct FollowUp {
+    /// When its question last went out.
+    last: Instant,
+    /// Not before this may it go out again.
+    next: Instant,
+}
+
+/// Verge patch (query rate limit): a token bucket, `FOLLOW_UP_QUERY_BURST`
+/// deep, refilled at `FOLLOW_UP_QUERIES_PER_SEC`. RFC 6762 spaces the queries of
+/// one question (§5.2) but sets no figure for a querier's total; the budget
+/// keeps a link's worth of real services quick to resolve (their records
+/// mostly come with the PTR anyway) while a flood of made-up instances gets a
+/// few queries a second.
+struct QueryBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl QueryBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: f64::from(FOLLOW_UP_QUERY_BURST),
+            last: now,
+        }
+    }
+
+    /// Takes one query's worth if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * FOLLOW_UP_QUERIES_PER_SEC)
+            .min(f64::from(FOLLOW_UP_QUERY_BURST));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Verge patch (query rate limit): the budget alone (no sockets, no multicast,
+/// unlike the upstream tests cut from this copy; see VERGE-PATCH.md).
+#[cfg(test)]
+mod verge_query_budget {
+    use super::*;
+
+    #[test]
+    fn burst_then_steady_rate() {
+        let t0 = Instant::now();
+        let mut b = QueryBudget::new(t0);
+        let burst = (0..1000).filter(|_| b.take(t0)).count();
+        assert_eq!(burst, FOLLOW_UP_QUERY_BURST as usize);
+        // One second later: one second's worth, never more than the burst.
+        let t1 = t0 + Duration::from_secs(1);
+        let refilled = (0..1000).filter(|_| b.take(t1)).count();
+        assert_eq!(refilled, FOLLOW_UP_QUERIES_PER_SEC as usize);
+        let t2 = t1 + Duration::from_secs(3600);
+        let after_idle = (0..1000).filter(|_| b.take(t2)).count();
+        assert_eq!(after_idle, FOLLOW_UP_QUERY_BURST as usize);
+    }
 }
