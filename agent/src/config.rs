@@ -87,9 +87,22 @@ pub struct AgentConfig {
     #[arg(long, env = "API_WRITE_CONCURRENCY", default_value_t = 4)]
     pub api_write_concurrency: usize,
 
+    /// First delay before a discovery stream that ended or failed is opened
+    /// again (doubles up to --discovery-backoff-max).
+    #[arg(long, env = "DISCOVERY_BACKOFF_INITIAL", default_value = "200ms", value_parser = duration)]
+    pub discovery_backoff_initial: Duration,
+
     /// Largest delay before a discovery stream that ended or failed is opened again.
     #[arg(long, env = "DISCOVERY_BACKOFF_MAX", default_value = "10s", value_parser = duration)]
     pub discovery_backoff_max: Duration,
+
+    /// How often the Configuration status (conditions, per-node entry) is
+    /// written at most; changes within one interval are coalesced into one write.
+    #[arg(long, env = "STATUS_INTERVAL", default_value = "500ms", value_parser = duration)]
+    pub status_interval: Duration,
+
+    #[command(flatten)]
+    pub kubelet: KubeletArgs,
 
     /// How often Secrets and ConfigMaps behind discoveryProperties are read
     /// again, so a rotated credential restarts discovery.
@@ -126,6 +139,17 @@ pub struct AgentConfig {
     #[arg(long, env = "DISABLE_DEBUG_ECHO", default_value_t = false)]
     pub disable_debug_echo: bool,
 
+    /// Embedded handlers not to offer (names as Configurations use them, e.g.
+    /// `ble,onvif`), so an external handler of that name — the chart's
+    /// per-protocol DaemonSet — is the only one serving it instead of being
+    /// merged with the embedded one.
+    #[arg(
+        long = "disable-embedded-handler",
+        env = "DISABLE_EMBEDDED_HANDLERS",
+        value_delimiter = ','
+    )]
+    pub disable_embedded_handlers: Vec<String>,
+
     /// This node's pod network(s), where plain-http handler endpoints are
     /// accepted, in addition to the Node's `spec.podCIDRs` (CNIs such as
     /// Calico or Cilium manage pod addresses without filling those in).
@@ -138,6 +162,51 @@ pub struct AgentConfig {
 
     #[command(flatten)]
     pub handler_tls: HandlerTlsArgs,
+}
+
+/// Timings of the agent's calls to kubelet (registration and pod-resources).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct KubeletArgs {
+    /// Timeout of one registration call to kubelet.
+    #[arg(long, env = "KUBELET_REGISTER_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub kubelet_register_timeout: Duration,
+
+    /// Registrations sent to kubelet at once (after a kubelet restart every
+    /// plugin registers again; kubelet handles them one by one).
+    #[arg(long, env = "KUBELET_REGISTER_CONCURRENCY", default_value_t = 16)]
+    pub kubelet_register_concurrency: usize,
+
+    /// First retry delay of a failed kubelet registration (doubles up to
+    /// --kubelet-register-retry-max).
+    #[arg(long, env = "KUBELET_REGISTER_RETRY_INITIAL", default_value = "200ms", value_parser = duration)]
+    pub kubelet_register_retry_initial: Duration,
+
+    /// Largest retry delay of a failed kubelet registration.
+    #[arg(long, env = "KUBELET_REGISTER_RETRY_MAX", default_value = "10s", value_parser = duration)]
+    pub kubelet_register_retry_max: Duration,
+
+    /// Timeout of one pod-resources call.
+    #[arg(long, env = "POD_RESOURCES_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub pod_resources_timeout: Duration,
+
+    /// How often Allocate re-reads kubelet's allocatable devices while it
+    /// waits for kubelet to take in a device-list update (short: Allocate is
+    /// waiting, and kubelet usually takes it in within milliseconds).
+    #[arg(long, env = "KUBELET_SYNC_POLL", default_value = "5ms", value_parser = duration)]
+    pub kubelet_sync_poll: Duration,
+}
+
+impl Default for KubeletArgs {
+    fn default() -> Self {
+        Self {
+            kubelet_register_timeout: Duration::from_secs(5),
+            kubelet_register_concurrency: 16,
+            kubelet_register_retry_initial: Duration::from_millis(200),
+            kubelet_register_retry_max: Duration::from_secs(10),
+            pod_resources_timeout: Duration::from_secs(2),
+            kubelet_sync_poll: Duration::from_millis(5),
+        }
+    }
 }
 
 /// How the agent dials `https://` handler endpoints (network handlers outside
@@ -175,5 +244,24 @@ impl HandlerTlsArgs {
             self.handler_tls_key_file.as_deref(),
         )
         .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Kubelet {
+        #[command(flatten)]
+        k: KubeletArgs,
+    }
+
+    #[test]
+    fn kubelet_defaults_match_the_flags() {
+        let parsed = Kubelet::parse_from(["t"]).k;
+        let d = KubeletArgs::default();
+        assert_eq!(format!("{parsed:?}"), format!("{d:?}"));
     }
 }

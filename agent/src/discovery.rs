@@ -15,9 +15,6 @@ use crate::registry::Registry;
 use crate::state::{AgentState, ConfigKey};
 use crate::status::{Problem, StatusBoard};
 
-/// First delay before a failed stream is opened again.
-const RETRY_INITIAL: Duration = Duration::from_millis(200);
-
 /// What to discover.
 #[derive(Clone, Debug)]
 pub struct DiscoverySpec {
@@ -40,6 +37,7 @@ pub async fn run(
     registry: Arc<Registry>,
     state: Arc<Mutex<AgentState>>,
     board: Arc<StatusBoard>,
+    backoff_initial: Duration,
     backoff_max: Duration,
 ) {
     let mut changes = registry.subscribe();
@@ -132,7 +130,7 @@ pub async fn run(
                         }
                     }
                     attempts = attempts.saturating_add(1);
-                    tokio::time::sleep(backoff(RETRY_INITIAL, backoff_max, attempts)).await;
+                    tokio::time::sleep(backoff(backoff_initial, backoff_max, attempts)).await;
                 }
             }));
         }

@@ -21,7 +21,7 @@ mod watchers;
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use tokio::sync::{Notify, mpsc};
@@ -35,9 +35,6 @@ use crate::podresources::PodResources;
 use crate::registry::Registry;
 use crate::state::{AgentState, Effects};
 use crate::status::StatusBoard;
-
-/// Coalescing window of Configuration status writes.
-const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Verge node agent.
 #[derive(Parser, Debug)]
@@ -136,7 +133,11 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         });
     }
 
-    let pod_resources = PodResources::new(config.pod_resources_socket.clone());
+    let pod_resources = PodResources::new(
+        config.pod_resources_socket.clone(),
+        config.kubelet.pod_resources_timeout,
+        config.kubelet.kubelet_sync_poll,
+    );
     let allocator = Arc::new(AgentAllocator {
         state: state.clone(),
         writes: write_tx,
@@ -149,6 +150,7 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         config.device_plugins_directory.clone(),
         Arc::new(allocator),
         metrics.clone(),
+        config.kubelet,
     );
     let (stop_plugins, plugins_stopped) = tokio::sync::oneshot::channel();
     let plugin_task = tokio::spawn(manager.run(plugin_rx, plugins_stopped));
@@ -166,10 +168,11 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
         state.clone(),
         board.clone(),
         status_rx,
-        STATUS_INTERVAL,
+        config.status_interval,
         metrics.clone(),
     ));
     let (instances_listed_tx, instances_listed) = tokio::sync::watch::channel(false);
+    let instances_listed_ready = instances_listed.clone();
     tokio::spawn(watchers::watch_instances(
         client.clone(),
         config.watch_namespace.clone(),
@@ -196,14 +199,31 @@ async fn run(config: AgentConfig) -> Result<(), AgentError> {
             }
         });
     }
+    let listener = registry::bind(
+        &config.discovery_handlers_directory,
+        config.registration_socket_gid,
+    )
+    .map_err(AgentError::Registration)?;
     let registration = tokio::spawn(registry::serve(
         registry,
         config.discovery_handlers_directory.clone(),
-        config.registration_socket_gid,
+        listener,
     ));
-    metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    // Ready once handlers can register and existing Instances are adopted:
+    // before that, a rolling update could replace the previous agent while
+    // this one would still recreate what that one served.
+    {
+        let metrics = metrics.clone();
+        let mut listed = instances_listed_ready;
+        tokio::spawn(async move {
+            if listed.wait_for(|listed| *listed).await.is_ok() {
+                metrics
+                    .ready
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("ready: registration socket bound, Instances adopted");
+            }
+        });
+    }
     tracing::info!(node = %config.node_name, "verge-agent running");
 
     tokio::select! {
@@ -274,34 +294,63 @@ async fn expire_loop(state: Arc<Mutex<AgentState>>, changed: Arc<Notify>) {
 }
 
 fn add_embedded_handlers(registry: &Registry, config: &AgentConfig) {
+    let add = |handler: Arc<dyn verge_discovery_sdk::DiscoveryHandler>| {
+        let name = handler.name();
+        if config.disable_embedded_handlers.iter().any(|d| d == name) {
+            tracing::info!(handler = name, "embedded handler disabled");
+        } else {
+            registry.add_embedded(handler);
+        }
+    };
     #[cfg(feature = "debug-echo")]
     if !config.disable_debug_echo {
-        registry.add_embedded(Arc::new(verge_debug_echo::DebugEcho::new(
+        add(Arc::new(verge_debug_echo::DebugEcho::new(
             config.debug_echo_availability_file.clone(),
             true,
         )));
     }
     // ONVIF cameras are network devices: shared.
     #[cfg(feature = "onvif")]
-    registry.add_embedded(Arc::new(verge_onvif::Onvif::new(true)));
+    add(Arc::new(verge_onvif::Onvif::new(true)));
     // Announced services are reachable from every node on the link: shared.
     #[cfg(feature = "mdns")]
-    registry.add_embedded(Arc::new(verge_mdns::Mdns::new(true)));
+    add(Arc::new(verge_mdns::Mdns::new(true)));
     // Several nodes may hear one BLE peripheral: shared. Without D-Bus or an
     // adapter it only reports a diagnostic per Configuration, so it is always on.
     #[cfg(feature = "ble")]
-    registry.add_embedded(Arc::new(verge_ble::Ble::new()));
+    add(Arc::new(verge_ble::Ble::new()));
     // Two names because shared-ness is per registration: Modbus TCP units are
     // reachable from every node (shared), a serial line belongs to this node.
     #[cfg(feature = "modbus")]
     {
-        registry.add_embedded(Arc::new(verge_modbus::ModbusTcp::new(true)));
-        registry.add_embedded(Arc::new(verge_modbus::ModbusRtu::new(false)));
+        add(Arc::new(verge_modbus::ModbusTcp::new(true)));
+        add(Arc::new(verge_modbus::ModbusRtu::new(false)));
     }
     // USB devices hang off this node's own bus: not shared.
     #[cfg(feature = "usb")]
-    registry.add_embedded(Arc::new(verge_usb::Usb::new()));
+    add(Arc::new(verge_usb::Usb::new()));
     #[cfg(feature = "udev")]
-    registry.add_embedded(Arc::new(verge_udev::Udev::new()));
-    let _ = (registry, config);
+    add(Arc::new(verge_udev::Udev::new()));
+    let _ = (add, registry, config);
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The README's flag table is the user's reference: every flag of `run` is in it.
+    #[test]
+    fn every_run_flag_is_documented() {
+        let readme = include_str!("../README.md");
+        let cli = super::Cli::command();
+        let run = cli.find_subcommand("run").expect("run subcommand");
+        let missing: Vec<String> = run
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|long| !["help", "version"].contains(long))
+            .filter(|long| !readme.contains(&format!("`--{long}`")))
+            .map(str::to_string)
+            .collect();
+        assert!(missing.is_empty(), "not in agent/README.md: {missing:?}");
+    }
 }

@@ -28,19 +28,12 @@ use verge_device_plugin_proto::v1beta1::{
 };
 use verge_discovery_sdk::uds;
 
+use crate::config::KubeletArgs;
 use crate::metrics::Metrics;
 use crate::state::{PluginCommand, split_slot_id};
 
 /// kubelet's registration socket, inside the device-plugin directory.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
-/// Timeout of one kubelet registration call.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Registrations sent to kubelet at once after it restarts.
-const REGISTER_CONCURRENCY: usize = 16;
-/// First retry delay of a failed kubelet registration (doubles, capped).
-const REGISTER_RETRY_INITIAL: Duration = Duration::from_millis(200);
-/// Largest retry delay of a failed kubelet registration.
-const REGISTER_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Answers kubelet's Allocate calls.
 pub trait Allocator: Send + Sync + 'static {
@@ -154,6 +147,7 @@ pub struct PluginManager {
     dir: PathBuf,
     allocator: Arc<dyn Allocator>,
     metrics: Arc<Metrics>,
+    timings: KubeletArgs,
     servers: HashMap<String, Server>,
     /// Resources whose registration failed and is retried.
     unregistered: std::collections::BTreeSet<String>,
@@ -162,11 +156,17 @@ pub struct PluginManager {
 
 impl PluginManager {
     /// A manager for plugins in `dir` (kubelet's device-plugin directory).
-    pub fn new(dir: PathBuf, allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        allocator: Arc<dyn Allocator>,
+        metrics: Arc<Metrics>,
+        timings: KubeletArgs,
+    ) -> Self {
         Self {
             dir,
             allocator,
             metrics,
+            timings,
             servers: HashMap::new(),
             unregistered: Default::default(),
             retry_attempts: 0,
@@ -191,8 +191,8 @@ impl PluginManager {
         loop {
             let retry = (!self.unregistered.is_empty()).then(|| {
                 crate::instances::backoff(
-                    REGISTER_RETRY_INITIAL,
-                    REGISTER_RETRY_MAX,
+                    self.timings.kubelet_register_retry_initial,
+                    self.timings.kubelet_register_retry_max,
                     self.retry_attempts.max(1),
                 )
             });
@@ -325,11 +325,12 @@ impl PluginManager {
             self.unregistered.extend(resources);
             return;
         }
+        let timeout = self.timings.kubelet_register_timeout;
         let failed: Vec<String> = futures::stream::iter(resources)
             .map(|resource| {
                 let kubelet = kubelet.clone();
                 async move {
-                    match register(&kubelet, &resource).await {
+                    match register(&kubelet, &resource, timeout).await {
                         Ok(()) => None,
                         Err(e) => {
                             tracing::warn!(resource, error = %e, "kubelet registration failed; will retry");
@@ -338,7 +339,7 @@ impl PluginManager {
                     }
                 }
             })
-            .buffer_unordered(REGISTER_CONCURRENCY)
+            .buffer_unordered(self.timings.kubelet_register_concurrency.max(1))
             .filter_map(futures::future::ready)
             .collect()
             .await;
@@ -346,8 +347,8 @@ impl PluginManager {
     }
 }
 
-async fn register(kubelet: &Path, resource: &str) -> Result<(), Status> {
-    let channel = uds::connect(kubelet, REGISTER_TIMEOUT)
+async fn register(kubelet: &Path, resource: &str, timeout: Duration) -> Result<(), Status> {
+    let channel = uds::connect(kubelet, timeout)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut client = RegistrationClient::new(channel);
@@ -360,7 +361,7 @@ async fn register(kubelet: &Path, resource: &str) -> Result<(), Status> {
             get_preferred_allocation_available: true,
         }),
     });
-    req.set_timeout(REGISTER_TIMEOUT);
+    req.set_timeout(timeout);
     client.register(req).await?;
     tracing::debug!(resource, "registered with kubelet");
     Ok(())

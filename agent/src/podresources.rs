@@ -16,11 +16,6 @@ use verge_discovery_sdk::uds;
 use crate::metrics::Metrics;
 use crate::state::AgentState;
 
-/// Timeout of one pod-resources call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Poll interval while waiting for kubelet to take in a device-list update.
-const SYNC_POLL: Duration = Duration::from_millis(5);
-
 /// (resource, device id) pairs.
 pub type DeviceSet = BTreeSet<(String, String)>;
 
@@ -39,18 +34,26 @@ pub enum PodResourcesError {
 #[derive(Clone, Debug)]
 pub struct PodResources {
     socket: PathBuf,
+    /// Timeout of one call.
+    call_timeout: Duration,
+    /// Poll interval while waiting for kubelet to take in a device-list update.
+    sync_poll: Duration,
 }
 
 impl PodResources {
     /// A client for `socket`.
-    pub fn new(socket: PathBuf) -> Self {
-        Self { socket }
+    pub fn new(socket: PathBuf, call_timeout: Duration, sync_poll: Duration) -> Self {
+        Self {
+            socket,
+            call_timeout,
+            sync_poll,
+        }
     }
 
     async fn client(
         &self,
     ) -> Result<PodResourcesListerClient<tonic::transport::Channel>, PodResourcesError> {
-        let channel = uds::connect(&self.socket, CALL_TIMEOUT)
+        let channel = uds::connect(&self.socket, self.call_timeout)
             .await
             .map_err(|e| {
                 PodResourcesError::Connect(self.socket.display().to_string(), e.to_string())
@@ -62,7 +65,7 @@ impl PodResources {
     pub async fn in_use(&self) -> Result<DeviceSet, PodResourcesError> {
         let mut client = self.client().await?;
         let mut req = tonic::Request::new(ListPodResourcesRequest {});
-        req.set_timeout(CALL_TIMEOUT);
+        req.set_timeout(self.call_timeout);
         let resp = client.list(req).await?.into_inner();
         Ok(resp
             .pod_resources
@@ -81,7 +84,7 @@ impl PodResources {
     pub async fn allocatable(&self) -> Result<DeviceSet, PodResourcesError> {
         let mut client = self.client().await?;
         let mut req = tonic::Request::new(AllocatableResourcesRequest {});
-        req.set_timeout(CALL_TIMEOUT);
+        req.set_timeout(self.call_timeout);
         let resp = client.get_allocatable_resources(req).await?.into_inner();
         Ok(resp
             .devices
@@ -119,7 +122,7 @@ impl PodResources {
             if Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(SYNC_POLL).await;
+            tokio::time::sleep(self.sync_poll).await;
         }
     }
 }

@@ -249,13 +249,10 @@ impl Registration for RegistrationService {
     }
 }
 
-/// Binds the registration socket (mode 0660, optional group) and serves it.
-pub async fn serve(
-    registry: Arc<Registry>,
-    directory: PathBuf,
-    gid: Option<u32>,
-) -> std::io::Result<()> {
-    std::fs::create_dir_all(&directory)?;
+/// Binds the registration socket: mode 0660 and, when given, group `gid`, so
+/// only handler pods that carry that supplemental group can register.
+pub fn bind(directory: &Path, gid: Option<u32>) -> std::io::Result<tokio::net::UnixListener> {
+    std::fs::create_dir_all(directory)?;
     let path = directory.join(REGISTRATION_SOCKET_NAME);
     let listener = uds::bind(&path)?;
     std::fs::set_permissions(
@@ -266,6 +263,15 @@ pub async fn serve(
         std::os::unix::fs::chown(&path, None, Some(gid))?;
     }
     tracing::info!(socket = %path.display(), "registration socket ready");
+    Ok(listener)
+}
+
+/// Serves the Registration service on `listener` (from [`bind`]).
+pub async fn serve(
+    registry: Arc<Registry>,
+    directory: PathBuf,
+    listener: tokio::net::UnixListener,
+) -> std::io::Result<()> {
     tonic::transport::Server::builder()
         .add_service(RegistrationServer::new(RegistrationService {
             registry,
@@ -357,5 +363,33 @@ mod tests {
             r.register(req("h", "http://10.0.0.5:8080", EndpointType::Network), dir)
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn registration_socket_is_0660_with_the_handler_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("verge-reg-{}", std::process::id()));
+        // A gid other than ours, so the chown is visible (the agent runs as root).
+        let gid = 4242;
+        let _listener = bind(&dir, Some(gid)).expect("bind");
+        let meta = std::fs::metadata(dir.join(REGISTRATION_SOCKET_NAME)).expect("socket");
+        let chowned = meta.gid();
+        let mode = meta.mode() & 0o777;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(mode, 0o660, "mode {mode:o}");
+        if running_as_root() {
+            assert_eq!(chowned, gid);
+        }
+    }
+
+    fn running_as_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+            })
+            .unwrap_or(false)
     }
 }

@@ -270,6 +270,7 @@ impl ConfigWatcher {
             self.registry.clone(),
             self.state.clone(),
             self.board.clone(),
+            self.config.discovery_backoff_initial,
             self.config.discovery_backoff_max,
         ));
         running.insert(key, Running { fingerprint, task });

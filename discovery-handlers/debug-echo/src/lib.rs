@@ -6,10 +6,14 @@
 //! availabilityFile: /tmp/x     # optional; Verge extension (default: the handler's file)
 //! diagnostics:                 # optional; Verge extension: echoed in every update
 //! - {subject: foo0, severity: Warning, message: "simulated problem"}
+//! echoPropertyDigests: true    # optional; Verge extension (default false)
 //! ```
 //! Each device has id = its description and one property,
 //! `DEBUG_ECHO_DESCRIPTION`. While the availability file contains `OFFLINE`,
-//! the device list is empty. The file is watched with inotify, so a change is
+//! the device list is empty. With `echoPropertyDigests`, every device also
+//! carries `DEBUG_ECHO_PROPERTY_<NAME>` = `sha256:<hex>` of each resolved
+//! discoveryProperty — enough to check that a Secret or ConfigMap value reached
+//! the handler without copying the value itself into Instances. The file is watched with inotify, so a change is
 //! reported at once instead of at the next poll.
 
 mod availability;
@@ -30,6 +34,8 @@ pub const HANDLER_NAME: &str = "debugEcho";
 pub const DESCRIPTION_PROPERTY: &str = "DEBUG_ECHO_DESCRIPTION";
 /// Akri's availability file.
 pub const DEFAULT_AVAILABILITY_FILE: &str = "/tmp/debug-echo-availability.txt";
+/// Prefix of the property digests `echoPropertyDigests` adds.
+pub const PROPERTY_DIGEST_PREFIX: &str = "DEBUG_ECHO_PROPERTY_";
 /// File content that hides every device.
 pub const OFFLINE: &str = "OFFLINE";
 
@@ -45,6 +51,9 @@ pub struct DebugEchoSettings {
     /// Diagnostics to send with every update (exercises the `v0` diagnostics extension).
     #[serde(default)]
     pub diagnostics: Vec<DiagnosticSetting>,
+    /// Add a SHA-256 digest of every resolved discoveryProperty to each device.
+    #[serde(default)]
+    pub echo_property_digests: bool,
 }
 
 /// One diagnostic to echo.
@@ -58,6 +67,32 @@ pub struct DiagnosticSetting {
     pub severity: String,
     /// Text.
     pub message: String,
+}
+
+/// `DEBUG_ECHO_PROPERTY_<NAME>`, the name upper-cased with anything but
+/// letters and digits as `_`, so it is a valid environment variable name.
+pub fn property_digest_name(name: &str) -> String {
+    let normalised: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{PROPERTY_DIGEST_PREFIX}{normalised}")
+}
+
+/// `sha256:<hex>` of a property value.
+pub fn property_digest(value: &[u8]) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(value)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
 }
 
 /// The handler.
@@ -83,15 +118,29 @@ impl DebugEcho {
         }
     }
 
-    fn devices(settings: &DebugEchoSettings) -> Vec<Device> {
+    fn devices(settings: &DebugEchoSettings, request: &DiscoveryRequest) -> Vec<Device> {
+        let digests: Vec<(String, String)> = if settings.echo_property_digests {
+            request
+                .properties
+                .iter()
+                .map(|(name, value)| (property_digest_name(name), property_digest(value)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         settings
             .descriptions
             .iter()
-            .map(|d| Device {
-                id: d.clone(),
-                properties: [(DESCRIPTION_PROPERTY.to_string(), d.clone())].into(),
-                mounts: Vec::new(),
-                device_specs: Vec::new(),
+            .map(|d| {
+                let mut properties: std::collections::BTreeMap<String, String> =
+                    digests.iter().cloned().collect();
+                properties.insert(DESCRIPTION_PROPERTY.to_string(), d.clone());
+                Device {
+                    id: d.clone(),
+                    properties,
+                    mounts: Vec::new(),
+                    device_specs: Vec::new(),
+                }
             })
             .collect()
     }
@@ -126,7 +175,7 @@ impl DebugEcho {
                 message: d.message.clone(),
             })
             .collect();
-        availability::watch(file, Self::devices(&settings), diagnostics)
+        availability::watch(file, Self::devices(&settings, request), diagnostics)
     }
 }
 
@@ -145,5 +194,40 @@ impl DiscoveryHandler for DebugEcho {
     ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
         let result = self.start(&request);
         async move { result }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn property_digests_only_when_asked() {
+        let request = DiscoveryRequest {
+            details: "descriptions: [a]\nechoPropertyDigests: true\n".into(),
+            properties: [("user-name".to_string(), b"abc".to_vec())].into(),
+        };
+        let settings: DebugEchoSettings = parse_details(&request.details).expect("settings");
+        let devices = DebugEcho::devices(&settings, &request);
+        // FIPS 180-2's SHA-256 test vector for "abc".
+        assert_eq!(
+            devices[0].properties.get("DEBUG_ECHO_PROPERTY_USER_NAME"),
+            Some(
+                &"sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+                    .to_string()
+            )
+        );
+        assert_eq!(
+            devices[0].properties.get(DESCRIPTION_PROPERTY),
+            Some(&"a".to_string())
+        );
+        let plain: DebugEchoSettings = parse_details("descriptions: [a]").expect("settings");
+        let devices = DebugEcho::devices(&plain, &request);
+        assert_eq!(
+            devices[0].properties.len(),
+            1,
+            "{:?}",
+            devices[0].properties
+        );
     }
 }
