@@ -1,5 +1,7 @@
-//! Hostile udev rules: parsing must never panic, and a parsed rule must evaluate
-//! on a device without panicking.
+//! Hostile udev rules: `parse_rule` (what `compile_settings` runs on each of a
+//! Configuration's `udevRules`) must never panic, and a parsed rule must evaluate
+//! on a device without panicking. The whole input also goes through
+//! `compile_settings` as discoveryDetails, the handler's entry point.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -40,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    let _ = verge_udev::compile_settings(text);
     let (rule, value) = text.split_once('\n').unwrap_or((text, "video0"));
     if let Ok(r) = parse_rule(rule) {
         let _ = r.matches(&Echo(value.chars().take(256).collect(), 3));

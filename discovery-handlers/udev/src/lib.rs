@@ -29,7 +29,7 @@ use verge_discovery_sdk::{
 };
 
 pub use rules::{DeviceView, Rule, RuleError, parse_rule};
-pub use watch::{HotplugSource, UDEV_CONTROL_PATH, hotplug_source, spawn_watch};
+pub use watch::{HotplugProbe, HotplugSource, UDEV_CONTROL_PATH, hotplug_source, spawn_watch};
 
 /// Name Configurations use (Akri's).
 pub const HANDLER_NAME: &str = "udev";
@@ -209,12 +209,19 @@ pub fn build_devices(mut found: Vec<Found>, group: bool, permissions: &str) -> V
 
 /// The udev handler.
 #[derive(Clone, Debug, Default)]
-pub struct Udev;
+pub struct Udev {
+    probe: HotplugProbe,
+}
 
 impl Udev {
-    /// The handler.
+    /// The handler, deciding on hotplug as the host allows ([`HotplugProbe::Host`]).
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// The handler with another hotplug decision (tests force resync-only or monitor).
+    pub fn with_hotplug_probe(probe: HotplugProbe) -> Self {
+        Self { probe }
     }
 }
 
@@ -231,7 +238,8 @@ impl DiscoveryHandler for Udev {
         &self,
         request: DiscoveryRequest,
     ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
-        let result = compile_settings(&request.details).and_then(watch::start);
+        let probe = self.probe.clone();
+        let result = compile_settings(&request.details).and_then(|s| watch::start(s, probe));
         async move { result }.boxed()
     }
 }

@@ -7,6 +7,8 @@
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,20 +43,51 @@ pub enum HotplugSource {
     ResyncOnly,
 }
 
-/// Whether udev events can reach us: the same test libudev makes (`access(2)`,
-/// so umockdev's preload answers it as libudev would see it).
-pub fn hotplug_source() -> HotplugSource {
-    let Ok(path) = CString::new(UDEV_CONTROL_PATH) else {
-        return HotplugSource::ResyncOnly;
-    };
-    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-    let present = unsafe { libc::access(path.as_ptr(), libc::F_OK) } == 0;
-    // A umockdev testbed delivers its uevents itself, without udevd.
-    if present || std::env::var_os(UMOCKDEV_DIR_ENV).is_some() {
-        HotplugSource::Monitor
-    } else {
-        HotplugSource::ResyncOnly
+/// How the watch decides whether udev events can reach it.
+///
+/// Injectable because the answer otherwise depends on the machine (whether it has
+/// `/run/udev`), and tests must force both modes; the default is what production uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HotplugProbe {
+    /// libudev's own test on [`UDEV_CONTROL_PATH`]; a umockdev testbed also counts,
+    /// since it delivers its uevents without udevd.
+    #[default]
+    Host,
+    /// The same test on this path instead, with no testbed exception: with a missing
+    /// path the watch runs on the resync alone even inside a testbed.
+    ControlPath(PathBuf),
+}
+
+impl HotplugProbe {
+    /// The file whose presence means udev events arrive.
+    pub fn control_path(&self) -> &Path {
+        match self {
+            HotplugProbe::Host => Path::new(UDEV_CONTROL_PATH),
+            HotplugProbe::ControlPath(p) => p,
+        }
     }
+
+    /// Whether udev events can reach us: the same test libudev makes (`access(2)`,
+    /// so umockdev's preload answers it as libudev would see it).
+    pub fn source(&self) -> HotplugSource {
+        // A path with a NUL byte cannot exist.
+        let present = match CString::new(self.control_path().as_os_str().as_bytes()) {
+            // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+            Ok(path) => (unsafe { libc::access(path.as_ptr(), libc::F_OK) }) == 0,
+            Err(_) => false,
+        };
+        let testbed = *self == HotplugProbe::Host && std::env::var_os(UMOCKDEV_DIR_ENV).is_some();
+        if present || testbed {
+            HotplugSource::Monitor
+        } else {
+            HotplugSource::ResyncOnly
+        }
+    }
+}
+
+/// Whether udev events can reach us on this host ([`HotplugProbe::Host`]).
+pub fn hotplug_source() -> HotplugSource {
+    HotplugProbe::Host.source()
 }
 
 fn text(s: Option<&OsStr>) -> Option<String> {
@@ -139,10 +172,12 @@ pub fn scan(settings: &Compiled) -> std::io::Result<Vec<Device>> {
 }
 
 /// Starts discovery for compiled settings.
-pub fn start(settings: Compiled) -> Result<DeviceStream, DiscoveryError> {
+pub fn start(settings: Compiled, probe: HotplugProbe) -> Result<DeviceStream, DiscoveryError> {
     let resync = settings.resync_interval;
-    Ok(spawn_watch("udev", resync, move || {
-        scan(&settings).map_err(|e| format!("udev enumeration failed: {e}"))
+    Ok(spawn_watch("udev", resync, probe, move || {
+        scan(&settings)
+            .map(DiscoveryUpdate::devices)
+            .map_err(|e| format!("udev enumeration failed: {e}"))
     }))
 }
 
@@ -160,16 +195,24 @@ fn readable(fd: i32, timeout: Duration) -> bool {
 }
 
 /// Runs `scan` now, after every burst of udev events and every `resync`, and
-/// streams each list that differs from the last. Shared with the usb handler.
-pub fn spawn_watch<F>(name: &'static str, resync: Duration, mut scan: F) -> DeviceStream
+/// streams each result whose devices or diagnostics differ from the last one's.
+/// `scan` may add diagnostics of its own (the usb handler's skipped devices); the
+/// hotplug one is added here. `probe` decides whether a udev monitor is opened.
+/// Shared with the usb handler.
+pub fn spawn_watch<F>(
+    name: &'static str,
+    resync: Duration,
+    probe: HotplugProbe,
+    mut scan: F,
+) -> DeviceStream
 where
-    F: FnMut() -> Result<Vec<Device>, String> + Send + 'static,
+    F: FnMut() -> Result<DiscoveryUpdate, String> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-watch"))
         .spawn(move || {
-            let monitor = match hotplug_source() {
+            let monitor = match probe.source() {
                 HotplugSource::Monitor => match udev::MonitorBuilder::new().and_then(|b| b.listen())
                 {
                     Ok(m) => Some(m),
@@ -182,14 +225,15 @@ where
             };
             let diagnostic = monitor.is_none().then(|| {
                 format!(
-                    "no udev events ({UDEV_CONTROL_PATH} is missing: mount the host's /run/udev read-only and use the host network); plugs and unplugs are found by the resync every {} s",
+                    "no udev events ({} is missing: mount the host's /run/udev read-only and use the host network); plugs and unplugs are found by the resync every {} s",
+                    probe.control_path().display(),
                     resync.as_secs()
                 )
             });
             if let Some(d) = &diagnostic {
                 tracing::warn!("{name}: {d}");
             }
-            let mut last: Option<Vec<Device>> = None;
+            let mut last: Option<DiscoveryUpdate> = None;
             let mut next_resync = Instant::now();
             let mut dirty = true;
             loop {
@@ -200,22 +244,21 @@ where
                     dirty = false;
                     next_resync = Instant::now() + resync;
                     match scan() {
-                        Ok(mut devices) => {
-                            devices.sort_by(|a, b| a.id.cmp(&b.id));
-                            if last.as_ref() != Some(&devices) {
-                                tracing::debug!(count = devices.len(), "{name}: device list changed");
-                                let mut update = DiscoveryUpdate::devices(devices.clone());
-                                if let Some(d) = &diagnostic {
-                                    update = update.with_diagnostic(
-                                        HOTPLUG_SUBJECT,
-                                        severity::WARNING,
-                                        d.clone(),
-                                    );
-                                }
-                                if tx.blocking_send(Ok(update)).is_err() {
+                        Ok(mut update) => {
+                            update.devices.sort_by(|a, b| a.id.cmp(&b.id));
+                            if let Some(d) = &diagnostic {
+                                update = update.with_diagnostic(
+                                    HOTPLUG_SUBJECT,
+                                    severity::WARNING,
+                                    d.clone(),
+                                );
+                            }
+                            if last.as_ref() != Some(&update) {
+                                tracing::debug!(count = update.devices.len(), "{name}: device list changed");
+                                if tx.blocking_send(Ok(update.clone())).is_err() {
                                     return;
                                 }
-                                last = Some(devices);
+                                last = Some(update);
                             }
                         }
                         Err(e) => {

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use verge_discovery_sdk::{
     Device, DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest, DiscoveryUpdate,
 };
-use verge_udev::Udev;
+use verge_udev::{HotplugProbe, HotplugSource, Udev};
 
 const ALL: &[&str] = &[
     "webcam.umockdev",
@@ -22,7 +22,11 @@ const SERIAL: &str = "/devices/pci0000:00/0000:00:14.0/usb1/1-2";
 const FIRST_UPDATE: Duration = Duration::from_secs(10);
 
 async fn start(details: &str) -> Result<DeviceStream, DiscoveryError> {
-    Udev::new()
+    start_with(Udev::new(), details).await
+}
+
+async fn start_with(handler: Udev, details: &str) -> Result<DeviceStream, DiscoveryError> {
+    handler
         .discover(DiscoveryRequest {
             details: details.to_string(),
             properties: BTreeMap::new(),
@@ -204,29 +208,54 @@ async fn refusals_name_the_field_key_or_operator() {
     }
 }
 
+/// The probe's control file (present or not) decides, whatever the machine has in
+/// /run/udev. Under umockdev-run so that a monitor can open whether or not this
+/// machine has udevd (the testbed provides it).
 #[tokio::test]
-async fn without_run_udev_only_the_resync_runs_and_it_says_so() {
-    if std::env::var_os(common::CHILD_ENV).is_some() {
+async fn the_resync_only_condition_follows_the_control_file() {
+    if !common::in_testbed("the_resync_only_condition_follows_the_control_file", ALL) {
         return;
     }
-    let mut stream = start("udevRules:\n- 'KERNEL==\"verge-no-such-device\"'\n")
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = dir.path().join("control");
+    std::fs::write(&control, b"").expect("control file");
+    let details = "udevRules:\n- 'KERNEL==\"video[0-9]*\"'\nresyncIntervalSeconds: 7\n";
+
+    // Monitor available: devices and no condition.
+    let probe = HotplugProbe::ControlPath(control.clone());
+    assert_eq!(probe.source(), HotplugSource::Monitor);
+    let mut stream = start_with(Udev::with_hotplug_probe(probe), details)
         .await
         .expect("valid");
     let update = next(&mut stream, FIRST_UPDATE).await;
-    assert!(update.devices.is_empty());
-    let expect = verge_udev::hotplug_source() == verge_udev::HotplugSource::ResyncOnly;
-    assert_eq!(
-        !update.diagnostics.is_empty(),
-        expect,
-        "{:?}",
-        update.diagnostics
+    assert_eq!(update.devices.len(), 1);
+    assert!(update.diagnostics.is_empty(), "{:?}", update.diagnostics);
+    drop(stream);
+
+    // Monitor unavailable: the same devices, and the condition says only the resync
+    // runs, naming the file it looked for and the interval.
+    let missing = dir.path().join("no-such-dir/control");
+    let probe = HotplugProbe::ControlPath(missing.clone());
+    assert_eq!(probe.source(), HotplugSource::ResyncOnly);
+    let mut stream = start_with(Udev::with_hotplug_probe(probe), details)
+        .await
+        .expect("valid");
+    let update = next(&mut stream, FIRST_UPDATE).await;
+    assert_eq!(update.devices.len(), 1);
+    assert_eq!(update.diagnostics.len(), 1, "{:?}", update.diagnostics);
+    let d = &update.diagnostics[0];
+    assert_eq!(d.subject, "hotplug");
+    assert_eq!(d.severity, "Warning");
+    assert!(
+        d.message.contains(&missing.display().to_string()),
+        "{}",
+        d.message
     );
-    if expect {
-        let d = &update.diagnostics[0];
-        assert_eq!(d.subject, "hotplug");
-        assert_eq!(d.severity, "Warning");
-        assert!(d.message.contains("/run/udev"), "{}", d.message);
-    }
+    assert!(d.message.contains("/run/udev"), "{}", d.message);
+    assert!(d.message.contains("resync every 7 s"), "{}", d.message);
+
+    // The host probe inside a testbed counts the testbed's uevents.
+    assert_eq!(HotplugProbe::Host.source(), HotplugSource::Monitor);
 }
 
 async fn until(stream: &mut DeviceStream, want: usize) -> (Vec<Device>, Duration) {
@@ -289,4 +318,55 @@ async fn hotplug_child() {
     println!("serial adapter removed → gone in {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(devices[0].properties["UDEV_DEVNODE"], "/dev/video0");
+}
+
+#[test]
+fn the_resync_alone_finds_added_and_removed_devices() {
+    if std::env::var_os(common::CHILD_ENV).is_some() {
+        resync_child();
+        return;
+    }
+    let Some(driver) = common::Driver::start() else {
+        return;
+    };
+    driver.run("the_resync_alone_finds_added_and_removed_devices");
+}
+
+/// Resync interval of the test: short, so it runs in seconds.
+const RESYNC: Duration = Duration::from_secs(1);
+/// Slack for one scan and the thread's wake-up on a loaded machine.
+const MARGIN: Duration = Duration::from_millis(1500);
+
+#[tokio::main(flavor = "current_thread")]
+async fn resync_child() {
+    // The testbed sends uevents, but the probe finds no control file, so no monitor
+    // is opened: each change below can only come from the resync.
+    let missing = std::env::temp_dir().join("verge-udev-test-no-udev/control");
+    let mut stream = start_with(
+        Udev::with_hotplug_probe(HotplugProbe::ControlPath(missing)),
+        &format!(
+            "udevRules:\n- 'SUBSYSTEM==\"tty\", ATTRS{{idVendor}}==\"0403\"'\nresyncIntervalSeconds: {}\n",
+            RESYNC.as_secs()
+        ),
+    )
+    .await
+    .expect("valid");
+    let update = next(&mut stream, FIRST_UPDATE).await;
+    assert!(update.devices.is_empty(), "{:?}", ids(&update.devices));
+    assert_eq!(update.diagnostics.len(), 1, "{:?}", update.diagnostics);
+    assert_eq!(update.diagnostics[0].subject, "hotplug");
+
+    common::testbed_command(&format!(
+        "add {}",
+        common::testbed("serial.umockdev").display()
+    ));
+    let (devices, took) = until(&mut stream, 1).await;
+    println!("udev, resync only: serial adapter added → listed in {took:?}");
+    assert!(took < RESYNC + MARGIN, "{took:?}");
+    assert_eq!(devices[0].properties["UDEV_DEVNODE"], "/dev/ttyUSB0");
+
+    common::testbed_command(&format!("remove {SERIAL}"));
+    let (_, took) = until(&mut stream, 0).await;
+    println!("udev, resync only: serial adapter removed → gone in {took:?}");
+    assert!(took < RESYNC + MARGIN, "{took:?}");
 }

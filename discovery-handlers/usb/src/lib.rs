@@ -1,12 +1,15 @@
 //! The `usb` discovery handler: USB devices by descriptor, with the device nodes
 //! a broker needs.
 //!
-//! libusb (through rusb) enumerates the devices and reads their descriptors; sysfs
-//! (through libudev) gives the strings, because reading string descriptors needs
-//! control transfers that may disturb a device in use, and the kernel nodes bound
-//! to the device's interfaces. Hotplug comes from a udev monitor plus a periodic
-//! resync. See the crate README for the settings.
+//! libudev lists the USB devices; each device's sysfs files give its descriptors
+//! (the kernel's copy, so no control transfer disturbs a device in use), ids,
+//! strings and the kernel nodes bound to its interfaces. Every file is parsed by
+//! our own checked code ([`sysfs`], [`descriptors`]), so a device with odd files is
+//! skipped or reported with what is valid, with a diagnostic saying what was wrong.
+//! Hotplug comes from a udev monitor plus a periodic resync. See the crate README
+//! for the settings.
 
+pub mod descriptors;
 pub mod matching;
 mod scan;
 pub mod sysfs;
@@ -19,11 +22,12 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 use verge_discovery_sdk::{
     Device, DeviceSpec, DeviceStream, DiscoveryError, DiscoveryHandler, DiscoveryRequest,
-    FilterList, parse_details,
+    DiscoveryUpdate, FilterList, parse_details, severity,
 };
+pub use verge_udev::HotplugProbe;
 
 pub use matching::{MatchRule, MatchRuleSpec, UsbFields};
-pub use scan::scan;
+pub use scan::{Scan, ScanError, Skipped, scan};
 
 /// Name Configurations use.
 pub const HANDLER_NAME: &str = "usb";
@@ -35,6 +39,9 @@ pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 pub const HUB_CLASS: u8 = 0x09;
 /// Most match rules.
 pub const MAX_RULES: usize = 256;
+/// Most per-device diagnostics in one update, so a bus full of broken devices
+/// cannot grow the Configuration's status without bound.
+pub const MAX_DEVICE_DIAGNOSTICS: usize = 16;
 
 /// Property names.
 pub mod property {
@@ -210,6 +217,8 @@ pub struct UsbInfo {
     pub usbfs: Option<String>,
     /// Bound kernel nodes.
     pub nodes: Vec<KernelNode>,
+    /// What was wrong in its sysfs files but did not stop it being reported.
+    pub problems: Vec<String>,
 }
 
 impl UsbInfo {
@@ -356,13 +365,90 @@ impl Compiled {
 
 /// The usb handler.
 #[derive(Clone, Debug, Default)]
-pub struct Usb;
+pub struct Usb {
+    probe: HotplugProbe,
+}
 
 impl Usb {
-    /// The handler.
+    /// The handler, deciding on hotplug as the host allows ([`HotplugProbe::Host`]).
     pub fn new() -> Self {
-        Self
+        Self::default()
     }
+
+    /// The handler with another hotplug decision (tests force resync-only or monitor).
+    pub fn with_hotplug_probe(probe: HotplugProbe) -> Self {
+        Self { probe }
+    }
+}
+
+/// The diagnostics of one scan: every skipped device (Warning) and every selected
+/// device reported despite odd files (Info), at most [`MAX_DEVICE_DIAGNOSTICS`].
+pub fn scan_diagnostics(scan: &Scan, selected: &[&UsbInfo]) -> Vec<(String, &'static str, String)> {
+    let mut out: Vec<(String, &'static str, String)> = scan
+        .skipped
+        .iter()
+        .map(|s| {
+            (
+                format!("device {}", sysfs::id_component(&s.sysname)),
+                severity::WARNING,
+                format!("skipped: {}", s.error),
+            )
+        })
+        .chain(selected.iter().filter(|d| !d.problems.is_empty()).map(|d| {
+            (
+                format!("device {}", d.fields.port_path),
+                severity::INFO,
+                format!("reported with what is valid: {}", d.problems.join("; ")),
+            )
+        }))
+        .collect();
+    if out.len() > MAX_DEVICE_DIAGNOSTICS {
+        let more = out.len() - (MAX_DEVICE_DIAGNOSTICS - 1);
+        out.truncate(MAX_DEVICE_DIAGNOSTICS - 1);
+        out.push((
+            "devices".into(),
+            severity::WARNING,
+            format!("{more} more devices with odd sysfs files (see the handler's log)"),
+        ));
+    }
+    out
+}
+
+/// One scan turned into an update, logging each problem once while it lasts
+/// (`reported` holds the last scan's), not on every resync.
+fn scan_update(
+    settings: &Compiled,
+    reported: &mut BTreeSet<String>,
+) -> Result<DiscoveryUpdate, String> {
+    let found = scan().map_err(|e| e.to_string())?;
+    let mut now = BTreeSet::new();
+    for s in &found.skipped {
+        let line = format!("{}: skipped: {}", s.sysname, s.error);
+        if !reported.contains(&line) {
+            tracing::warn!("usb: {line}");
+        }
+        now.insert(line);
+    }
+    for d in &found.devices {
+        for p in &d.problems {
+            let line = format!("{}: {p}", d.fields.port_path);
+            if !reported.contains(&line) {
+                tracing::warn!("usb: {line}");
+            }
+            now.insert(line);
+        }
+    }
+    *reported = now;
+    let selected: Vec<&UsbInfo> = found
+        .devices
+        .iter()
+        .filter(|d| settings.selects(d))
+        .collect();
+    let mut update = DiscoveryUpdate::devices(settings.devices(&found.devices));
+    for (subject, level, message) in scan_diagnostics(&found, &selected) {
+        update = update.with_diagnostic(subject, level, message);
+    }
+    Ok(update)
 }
 
 impl DiscoveryHandler for Usb {
@@ -378,9 +464,11 @@ impl DiscoveryHandler for Usb {
         &self,
         request: DiscoveryRequest,
     ) -> BoxFuture<'static, Result<DeviceStream, DiscoveryError>> {
+        let probe = self.probe.clone();
         let result = compile_settings(&request.details).map(|settings| {
-            verge_udev::spawn_watch(HANDLER_NAME, settings.resync_interval, move || {
-                scan().map(|found| settings.devices(&found))
+            let mut reported = BTreeSet::new();
+            verge_udev::spawn_watch(HANDLER_NAME, settings.resync_interval, probe, move || {
+                scan_update(&settings, &mut reported)
             })
         });
         async move { result }.boxed()

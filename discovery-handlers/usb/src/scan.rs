@@ -1,9 +1,11 @@
-//! One enumeration: libusb for descriptors, libudev (sysfs) for strings and nodes.
+//! One enumeration: libudev lists the USB devices and their kernel nodes; each
+//! device's own sysfs files (descriptors, ids, strings) are read and parsed by
+//! [`sysfs`], the same code the fuzz target runs.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use crate::matching::UsbFields;
-use crate::sysfs;
+use crate::sysfs::{self, DeviceError};
 use crate::{KernelNode, NodeKind, UsbInfo};
 
 /// Most ancestors walked from a kernel node to its USB interface.
@@ -16,41 +18,6 @@ const NODE_SUBSYSTEMS: &[(&str, NodeKind)] = &[
     ("hidraw", NodeKind::Hidraw),
     ("scsi_generic", NodeKind::Sg),
 ];
-
-struct SysfsDevice {
-    syspath: String,
-    devnode: Option<String>,
-    serial: Option<String>,
-    manufacturer: Option<String>,
-    product: Option<String>,
-}
-
-fn attr(d: &udev::Device, name: &str) -> Option<String> {
-    d.attribute_value(name)
-        .and_then(|v| sysfs::clean_string(&v.to_string_lossy()))
-}
-
-/// USB devices as sysfs sees them, by kernel name (the port path).
-fn sysfs_devices() -> std::io::Result<HashMap<String, SysfsDevice>> {
-    let mut e = udev::Enumerator::new()?;
-    e.match_subsystem("usb")?;
-    e.match_property("DEVTYPE", "usb_device")?;
-    let mut out = HashMap::new();
-    for d in e.scan_devices()? {
-        let name = d.sysname().to_string_lossy().into_owned();
-        out.insert(
-            name,
-            SysfsDevice {
-                syspath: d.syspath().to_string_lossy().into_owned(),
-                devnode: d.devnode().map(|n| n.to_string_lossy().into_owned()),
-                serial: attr(&d, "serial"),
-                manufacturer: attr(&d, "manufacturer"),
-                product: attr(&d, "product"),
-            },
-        );
-    }
-    Ok(out)
-}
 
 /// The interface number of the nearest usb_interface ancestor.
 fn interface_of(d: &udev::Device) -> Option<u8> {
@@ -88,91 +55,97 @@ fn kernel_nodes() -> std::io::Result<Vec<(String, KernelNode)>> {
     Ok(out)
 }
 
-fn speed_name(s: rusb::Speed) -> Option<String> {
-    let name = match s {
-        rusb::Speed::Low => "low",
-        rusb::Speed::Full => "full",
-        rusb::Speed::High => "high",
-        rusb::Speed::Super => "super",
-        rusb::Speed::SuperPlus => "superplus",
-        _ => return None,
-    };
-    Some(name.to_string())
+/// A device left out of a scan, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Kernel name (`1-3.1`).
+    pub sysname: String,
+    /// Why.
+    pub error: DeviceError,
 }
 
-/// Enumerates every USB device except root hubs.
-pub fn scan() -> Result<Vec<UsbInfo>, String> {
-    use rusb::UsbContext;
-    // A fresh context per scan: a long-lived one updates its device list from its
-    // own event thread, which can lag behind the uevent that made us rescan.
-    let context = rusb::Context::new().map_err(|e| format!("libusb: {e}"))?;
-    let list = context.devices().map_err(|e| format!("libusb: {e}"))?;
-    let sysfs = sysfs_devices().map_err(|e| format!("udev: {e}"))?;
-    let nodes = kernel_nodes().map_err(|e| format!("udev: {e}"))?;
-    let mut out = Vec::new();
-    for device in list.iter() {
-        let ports = device.port_numbers().unwrap_or_default();
-        if ports.is_empty() {
-            continue; // a root hub
+/// One scan's result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Devices found, by port path.
+    pub devices: Vec<UsbInfo>,
+    /// Devices left out.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Why a scan failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// libudev could not enumerate.
+    #[error("udev enumeration failed: {0}")]
+    Udev(#[from] std::io::Error),
+}
+
+/// Enumerates every USB device except root hubs, from sysfs (through libudev's
+/// list of devices). Every file is parsed by [`sysfs::parse_device`]; a device whose
+/// files make no sense is skipped with the reason, the rest are still found.
+pub fn scan() -> Result<Scan, ScanError> {
+    let mut e = udev::Enumerator::new()?;
+    e.match_subsystem("usb")?;
+    let mut devices = Vec::new();
+    let mut interface_dirs: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+    for d in e.scan_devices()? {
+        match d.devtype().and_then(|t| t.to_str()) {
+            Some("usb_device") => devices.push(d),
+            Some("usb_interface") => {
+                if let Some(parent) = d.parent() {
+                    interface_dirs
+                        .entry(parent.syspath().to_path_buf())
+                        .or_default()
+                        .push(d.syspath().to_path_buf());
+                }
+            }
+            _ => {}
         }
-        let bus = device.bus_number();
-        let port_path = sysfs::port_path(bus, &ports);
-        let desc = match device.device_descriptor() {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::debug!(%port_path, error = %e, "usb: no device descriptor; skipped");
+    }
+    let nodes = kernel_nodes()?;
+    let mut out = Scan::default();
+    for d in devices {
+        let syspath = d.syspath().to_path_buf();
+        let sysname = d.sysname().to_string_lossy().into_owned();
+        let dirs: Vec<&Path> = interface_dirs
+            .get(&syspath)
+            .map(|v| v.iter().map(PathBuf::as_path).collect())
+            .unwrap_or_default();
+        let raw = sysfs::read_device(&syspath, &sysname, &dirs);
+        let parsed = match sysfs::parse_device(&raw) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue, // a root hub
+            Err(error) => {
+                out.skipped.push(Skipped { sysname, error });
                 continue;
             }
         };
-        // libusb and udev can disagree for a moment around a plug; the next event
-        // or resync sees both.
-        let Some(sys) = sysfs.get(&port_path) else {
-            tracing::debug!(%port_path, "usb: not in sysfs yet; skipped");
-            continue;
-        };
-        let interfaces = device
-            .active_config_descriptor()
-            .map(|c| {
-                c.interfaces()
-                    .flat_map(|i| {
-                        i.descriptors()
-                            .map(|d| (d.class_code(), d.sub_class_code(), d.protocol_code()))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let prefix = format!("{}/", sys.syspath);
+        let f = parsed.fields;
+        let prefix = format!("{}/", syspath.to_string_lossy());
         let mut bound: Vec<KernelNode> = nodes
             .iter()
             .filter(|(path, _)| path.starts_with(&prefix))
             .map(|(_, n)| n.clone())
             .collect();
         bound.sort();
-        out.push(UsbInfo {
-            fields: UsbFields {
-                vendor_id: desc.vendor_id(),
-                product_id: desc.product_id(),
-                class: (
-                    desc.class_code(),
-                    desc.sub_class_code(),
-                    desc.protocol_code(),
-                ),
-                interfaces,
-                serial: sys.serial.clone(),
-                manufacturer: sys.manufacturer.clone(),
-                product: sys.product.clone(),
-                bus,
-                port_path,
-                speed: speed_name(device.speed()),
-            },
-            usbfs: sys
-                .devnode
-                .clone()
-                .or_else(|| Some(format!("/dev/bus/usb/{:03}/{:03}", bus, device.address()))),
+        let usbfs = d
+            .devnode()
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| {
+                parsed
+                    .devnum
+                    .map(|n| format!("/dev/bus/usb/{:03}/{n:03}", f.bus))
+            });
+        out.devices.push(UsbInfo {
+            fields: f,
+            usbfs,
             nodes: bound,
+            problems: parsed.problems.iter().map(ToString::to_string).collect(),
         });
     }
-    out.sort_by(|a, b| a.fields.port_path.cmp(&b.fields.port_path));
+    out.devices
+        .sort_by(|a, b| a.fields.port_path.cmp(&b.fields.port_path));
+    out.skipped.sort_by(|a, b| a.sysname.cmp(&b.sysname));
     Ok(out)
 }
