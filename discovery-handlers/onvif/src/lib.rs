@@ -7,6 +7,7 @@
 
 pub mod camera;
 pub mod net;
+pub mod redact;
 pub mod settings;
 pub mod transport;
 pub mod wsd;
@@ -143,13 +144,16 @@ fn passes(f: &Option<FilterList>, value: &str, eq: impl Fn(&str, &str) -> bool) 
 }
 
 /// The device-service URL to use and its host: the XAddr whose host sent the reply, else the
-/// first with an IP address, else the first http(s) XAddr.
+/// first with an IP address, else the first http(s) XAddr. Userinfo in an XAddr is removed
+/// (it would otherwise reach `ONVIF_DEVICE_SERVICE_URL`, diagnostics and logs, and reqwest
+/// would send it as HTTP Basic auth); credentials come from discoveryProperties only.
 pub fn pick_xaddr(t: &Target, from: IpAddr) -> Option<(String, String)> {
     let parsed: Vec<(String, String)> = t
         .xaddrs
         .iter()
         .filter_map(|x| {
-            let u = reqwest::Url::parse(x).ok()?;
+            let x = redact::strip_userinfo(x).ok()?;
+            let u = reqwest::Url::parse(&x).ok()?;
             if !matches!(u.scheme(), "http" | "https") {
                 return None;
             }
@@ -158,7 +162,7 @@ pub fn pick_xaddr(t: &Target, from: IpAddr) -> Option<(String, String)> {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string();
-            Some((x.clone(), host))
+            Some((x, host))
         })
         .collect();
     // Next best: an address literal (a host name needs DNS, which camera networks often lack).
@@ -475,6 +479,15 @@ mod tests {
         let (_, ip) = pick_xaddr(&named, "10.9.9.9".parse().expect("ip")).expect("literal");
         assert_eq!(ip, "10.0.0.7");
         assert!(pick_xaddr(&Target::default(), "10.0.0.1".parse().expect("ip")).is_none());
+        let with_userinfo = Target {
+            xaddrs: vec!["http://admin:secret@10.0.0.8:8080/onvif/device_service".into()],
+            ..Default::default()
+        };
+        let (url, ip) = pick_xaddr(&with_userinfo, "10.0.0.8".parse().expect("ip")).expect("x");
+        assert_eq!(
+            (url.as_str(), ip.as_str()),
+            ("http://10.0.0.8:8080/onvif/device_service", "10.0.0.8")
+        );
     }
 
     #[test]

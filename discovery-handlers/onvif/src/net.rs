@@ -37,25 +37,36 @@ pub struct Interface {
 
 /// Interfaces holding a default route (IPv4 or IPv6), from this thread's network namespace.
 pub fn default_route_interfaces() -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
     // thread-self: the calling thread's namespace (tests run the handler in a namespace thread).
-    if let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/route") {
-        for line in t.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" {
-                out.insert(f[0].to_string());
-            }
-        }
-    }
-    if let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/ipv6_route") {
-        for line in t.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() >= 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00" && f[9] != "lo" {
-                out.insert(f[9].to_string());
-            }
-        }
-    }
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = default_routes_v4(&read("/proc/thread-self/net/route"));
+    out.extend(default_routes_v6(&read("/proc/thread-self/net/ipv6_route")));
     out
+}
+
+/// Interfaces of the IPv4 default routes (destination and mask 0) in `/proc/net/route`.
+pub fn default_routes_v4(table: &str) -> BTreeSet<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+        })
+        .collect()
+}
+
+/// Interfaces of the IPv6 default routes (::/0) in `/proc/net/ipv6_route`, leaving out the
+/// kernel's `unreachable` default on `lo`.
+pub fn default_routes_v6(table: &str) -> BTreeSet<String> {
+    table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00" && f[9] != "lo")
+                .then(|| f[9].to_string())
+        })
+        .collect()
 }
 
 /// The interfaces to multicast on: the named ones, or by default every up, non-loopback
@@ -413,6 +424,31 @@ fn parse_arp(table: &str, ip: Ipv4Addr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_route_tables() {
+        // From `ip route add default via 10.254.72.2 dev vgoi2` in a namespace with br0.
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  vgoi2\t00000000\t0248FE0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  br0\t0046FE0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                  vgoi2\t0048FE0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            default_routes_v4(v4).into_iter().collect::<Vec<_>>(),
+            ["vgoi2"]
+        );
+        let z = "00000000000000000000000000000000";
+        let v6 = format!(
+            "fd002540007300000000000000000000 40 {z} 00 {z} 00000100 00000001 00000000 00000001    vgoi3\n\
+             {z} 00 {z} 00 fd002540007300000000000000000002 00000400 00000001 00000000 00000003    vgoi3\n\
+             {z} 00 {z} 00 {z} ffffffff 00000001 00000000 00200200       lo\n"
+        );
+        assert_eq!(
+            default_routes_v6(&v6).into_iter().collect::<Vec<_>>(),
+            ["vgoi3"]
+        );
+        assert!(default_routes_v4("garbage\n1 2 3").is_empty());
+        assert!(default_routes_v6("").is_empty());
+    }
 
     #[test]
     fn arp_table() {

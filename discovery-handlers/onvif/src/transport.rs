@@ -90,3 +90,52 @@ impl Transport for BoundedTransport {
         }
     }
 }
+
+/// Replies from memory, by SOAP action: the unit tests and the `onvif_soap_parse` fuzz target
+/// drive [`crate::camera::describe_with`] through it, so they exercise the same oxvif parsing of
+/// the same bodies that production applies to what a camera sends.
+#[derive(Clone, Debug, Default)]
+pub struct Canned {
+    /// (SOAP action URI, response body).
+    pub replies: Vec<(String, String)>,
+    /// Body for any action not in `replies`; without one such a request gets HTTP 404.
+    pub fallback: Option<String>,
+    /// Answer every request with HTTP 401 (a camera that wants other credentials).
+    pub unauthorized: bool,
+}
+
+impl Canned {
+    /// The same body for every request.
+    pub fn always(body: impl Into<String>) -> Self {
+        Self {
+            fallback: Some(body.into()),
+            ..Self::default()
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Canned {
+    async fn soap_post(
+        &self,
+        _url: &str,
+        action: &str,
+        _body: String,
+    ) -> Result<String, TransportError> {
+        if self.unauthorized {
+            return Err(TransportError::HttpStatus {
+                status: 401,
+                body: String::new(),
+            });
+        }
+        self.replies
+            .iter()
+            .find(|(a, _)| a == action)
+            .map(|(_, b)| b.clone())
+            .or_else(|| self.fallback.clone())
+            .ok_or_else(|| TransportError::HttpStatus {
+                status: 404,
+                body: String::new(),
+            })
+    }
+}

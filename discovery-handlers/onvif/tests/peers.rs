@@ -28,6 +28,10 @@ fn peers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/peers/onvif")
 }
 
+fn local_peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
+}
+
 /// Whether the prerequisites are there; fails under VERGE_E2E=required.
 fn ready() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
@@ -200,12 +204,21 @@ struct Peer {
 
 impl Peer {
     fn start(ns: &str, name: &str, script: &str, args: &[String]) -> Self {
+        Self::start_script(ns, name, &peers_dir().join(script), args)
+    }
+
+    /// A peer from this crate's own tests/peers/ (the hand-written ones and wrappers).
+    fn start_local(ns: &str, name: &str, script: &str, args: &[String]) -> Self {
+        Self::start_script(ns, name, &local_peers_dir().join(script), args)
+    }
+
+    fn start_script(ns: &str, name: &str, script: &Path, args: &[String]) -> Self {
         let log = std::fs::File::create(format!("/tmp/vg-onvif-{name}.log")).expect("log");
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(venv_python())
             .arg("-u")
-            .arg(peers_dir().join(script))
+            .arg(script)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -272,6 +285,26 @@ impl Drop for Peer {
     }
 }
 
+/// Captured log output of a handler.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
+    }
+}
+
 /// The handler, running in a thread inside the handler namespace.
 struct Handler {
     updates: mpsc::Receiver<DiscoveryUpdate>,
@@ -282,6 +315,21 @@ struct Handler {
 
 impl Handler {
     fn start(ns: &str, details: &str, props: &[(&str, &str)]) -> Self {
+        Self::start_with_logs(ns, details, props, None)
+    }
+
+    /// Like `start`, with every tracing event of the handler (all levels, oxvif's and
+    /// reqwest's included) written to `logs`.
+    fn start_logged(ns: &str, details: &str, props: &[(&str, &str)], logs: &Logs) -> Self {
+        Self::start_with_logs(ns, details, props, Some(logs.clone()))
+    }
+
+    fn start_with_logs(
+        ns: &str,
+        details: &str,
+        props: &[(&str, &str)],
+        logs: Option<Logs>,
+    ) -> Self {
         let ns_path = format!("/run/netns/{ns}");
         let request = DiscoveryRequest {
             details: details.to_string(),
@@ -298,6 +346,16 @@ impl Handler {
             // Network namespaces are per thread; the runtime's threads are created from this one.
             let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns");
+            // The runtime is current-thread, so this thread's default subscriber sees every
+            // task of the handler.
+            let _logging = logs.map(|logs| {
+                let subscriber = tracing_subscriber::fmt()
+                    .with_max_level(tracing::Level::TRACE)
+                    .with_ansi(false)
+                    .with_writer(move || logs.clone())
+                    .finish();
+                tracing::subscriber::set_default(subscriber)
+            });
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -893,4 +951,399 @@ fn odd_publisher_and_hostile_responder() {
         t.elapsed()
     );
     assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
+}
+
+/// Asserts that no property value holds `secret` or any userinfo (`…@host`).
+fn assert_no_credentials(p: &BTreeMap<String, String>, secret: &str) {
+    for (k, v) in p {
+        assert!(!v.contains(secret), "{k}={v} holds the password");
+        assert!(!v.contains('@'), "{k}={v} holds userinfo");
+    }
+}
+
+/// POSTs a SOAP body to `url` from namespace `ns` (the venv's Python: no curl needed) and
+/// returns the response text.
+fn soap_post(ns: &str, url: &str, action: &str, body: &str) -> String {
+    let script = "import sys, urllib.request as u\n\
+        r = u.Request(sys.argv[1], data=sys.argv[3].encode(), headers={'Content-Type': \
+        'application/soap+xml; charset=utf-8; action=\"%s\"' % sys.argv[2], 'SOAPAction': sys.argv[2]})\n\
+        print(u.urlopen(r, timeout=10).read().decode())";
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(venv_python())
+        .args(["-c", script, url, action, body])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn stream_uri_userinfo_never_reaches_properties_or_logs() {
+    if !ready() {
+        return;
+    }
+    let mut lab = Lab::new("s");
+    let cam_ns = lab.add_camera_ns(1, 10);
+    // ipycam answering GetStreamUri with rtsp://admin:s3cret-pw@10.254.70.10:8554/... .
+    let _cam = Peer::start_local(
+        &cam_ns,
+        "cam-s1",
+        "camera_userinfo.py",
+        &[
+            "--stream-userinfo".into(),
+            "admin:s3cret-pw".into(),
+            "--ip".into(),
+            "10.254.70.10".into(),
+            "--uuid".into(),
+            format!("urn:uuid:{UUID1}"),
+            "--name".into(),
+            "cam-s1".into(),
+        ],
+    );
+    let hns = lab.handler_ns();
+    // The peer really hands out the credentials (so what follows is not vacuous).
+    let reply = soap_post(
+        &hns,
+        "http://10.254.70.10:8080/onvif/media_service",
+        "http://www.onvif.org/ver10/media/wsdl/GetStreamUri",
+        "<s:Envelope xmlns:s=\"http://www.w3.org/2003/05/soap-envelope\"><s:Body>\
+         <GetStreamUri xmlns=\"http://www.onvif.org/ver10/media/wsdl\"><ProfileToken>Profile_Main</ProfileToken>\
+         </GetStreamUri></s:Body></s:Envelope>",
+    );
+    assert!(
+        reply.contains("rtsp://admin:s3cret-pw@10.254.70.10:8554/video_main"),
+        "{reply}"
+    );
+    let logs = Logs::default();
+    let mut h = Handler::start_logged(
+        &hns,
+        "probeIntervalSeconds: 2",
+        &[
+            ("username_default", "admin"),
+            ("password_default", "s3cret-pw"),
+        ],
+        &logs,
+    );
+    let u = h.wait_for("the camera", |u| props_of(u, UUID1).is_some());
+    let p = props_of(&u, UUID1).expect("props");
+    assert_eq!(p["ONVIF_STREAM_URI"], "rtsp://10.254.70.10:8554/video_main");
+    assert_eq!(
+        p["ONVIF_STREAM_URI_PROFILE_MAIN"],
+        "rtsp://10.254.70.10:8554/video_main"
+    );
+    assert_eq!(
+        p["ONVIF_STREAM_URI_PROFILE_SUB"],
+        "rtsp://10.254.70.10:8554/video_sub"
+    );
+    assert_no_credentials(p, "s3cret-pw");
+    assert!(u.diagnostics.iter().all(|d| !d.message.contains("s3cret")));
+    // A few more rounds, then the whole log of the handler at trace level.
+    h.never(Duration::from_secs(3), "losing the camera", |u| {
+        props_of(u, UUID1).is_none()
+    });
+    drop(h);
+    let text = logs.text();
+    assert!(text.contains("camera described"), "logs captured: {text}");
+    assert!(!text.contains("s3cret-pw"), "password in the logs:\n{text}");
+    assert!(!text.contains("admin:"), "userinfo in the logs:\n{text}");
+    println!("{} bytes of trace-level logs, no credentials", text.len());
+}
+
+const SOAP_PW: &str = "d1gest-Pw!";
+const SOAP_MAC: &str = "02:5e:00:00:00:42";
+
+#[test]
+fn media2_network_interfaces_and_http_digest_against_soap_responder() {
+    if !ready() {
+        return;
+    }
+    let mut lab = Lab::new("d");
+    let cam_ns = lab.add_camera_ns(1, 10);
+    let veth_mac = lab.mac(&cam_ns);
+    assert_ne!(veth_mac, SOAP_MAC);
+    // Our canned ONVIF replies behind CherryPy's digest auth (see soap_responder.py), found
+    // through a WSDiscovery publisher.
+    let _soap = Peer::start_local(
+        &cam_ns,
+        "soap-d1",
+        "soap_responder.py",
+        &[
+            "--ip".into(),
+            "10.254.70.10".into(),
+            "--mac".into(),
+            SOAP_MAC.into(),
+            "--username".into(),
+            "admin".into(),
+            "--password".into(),
+            SOAP_PW.into(),
+            "--stream-userinfo".into(),
+            format!("admin:{SOAP_PW}"),
+        ],
+    );
+    let _publisher = Peer::start(
+        &cam_ns,
+        "pub-d1",
+        "publisher.py",
+        &[
+            "--uuid".into(),
+            format!("urn:uuid:{UUID1}"),
+            "--xaddr".into(),
+            "http://10.254.70.10:8081/onvif/device_service".into(),
+        ],
+    );
+    let hns = lab.handler_ns();
+    let details = "probeIntervalSeconds: 2\nipv6: false";
+    let logs = Logs::default();
+    let mut right = Handler::start_logged(
+        &hns,
+        details,
+        &[("username_default", "admin"), ("password_default", SOAP_PW)],
+        &logs,
+    );
+    let mut wrong = Handler::start(
+        &hns,
+        details,
+        &[
+            ("username_default", "admin"),
+            ("password_default", "nope-nope"),
+        ],
+    );
+    let mut none = Handler::start(&hns, details, &[]);
+
+    let u = right.wait_for("the camera through HTTP digest", |u| {
+        props_of(u, UUID1).is_some()
+    });
+    let p = props_of(&u, UUID1).expect("props");
+    let want = [
+        (
+            "ONVIF_DEVICE_SERVICE_URL",
+            "http://10.254.70.10:8081/onvif/device_service",
+        ),
+        // From GetNetworkInterfaces (the enabled interface), not from the ARP table.
+        ("ONVIF_DEVICE_MAC_ADDRESS", SOAP_MAC),
+        ("ONVIF_MANUFACTURER", "VergeSOAP"),
+        ("ONVIF_MODEL", "Media2-Digest"),
+        ("ONVIF_FIRMWARE", "2.4.1"),
+        ("ONVIF_SERIAL", "SOAP-0042"),
+        // Media2 preferred over Media1 (whose only profile is media1_main); userinfo gone.
+        ("ONVIF_STREAM_URI", "rtsp://10.254.70.10:8554/main2"),
+        ("ONVIF_STREAM_URI_MAIN2", "rtsp://10.254.70.10:8554/main2"),
+        ("ONVIF_STREAM_URI_SUB2", "rtsp://10.254.70.10:8554/sub2"),
+    ];
+    for (k, v) in want {
+        assert_eq!(p.get(k).map(String::as_str), Some(v), "{k} in {p:#?}");
+    }
+    assert!(!p.contains_key("ONVIF_STREAM_URI_MEDIA1_MAIN"), "{p:#?}");
+    assert_no_credentials(p, SOAP_PW);
+
+    let u = wrong.wait_for("a diagnostic for the wrong password", |u| {
+        !u.diagnostics.is_empty()
+    });
+    assert!(u.devices.is_empty());
+    let d = &u.diagnostics[0];
+    assert_eq!((d.subject.as_str(), d.severity.as_str()), (UUID1, "Error"));
+    assert!(d.message.contains("rejected"), "{}", d.message);
+    assert!(!d.message.contains("nope-nope"), "{}", d.message);
+    let u = none.wait_for("a diagnostic asking for credentials", |u| {
+        !u.diagnostics.is_empty()
+    });
+    assert!(u.devices.is_empty() && u.diagnostics[0].message.contains("requires credentials"));
+    drop(right);
+    let text = logs.text();
+    assert!(text.contains("camera described"), "logs captured: {text}");
+    assert!(!text.contains(SOAP_PW), "password in the logs:\n{text}");
+}
+
+impl Lab {
+    /// A second link out of the handler namespace: `name` there at 10.254.<net>.1/24 and
+    /// fd00:254:<net>::1/64, its peer in a new namespace that answers nothing.
+    fn add_link(&mut self, name: &str, net: u8) {
+        let ns = format!("vg-onvif-{}{name}", self.tag);
+        self.add_ns(&ns);
+        let h = self.handler_ns();
+        sh(&[
+            "ip", "link", "add", name, "netns", &h, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ]);
+        for (n, end) in [(&h, name), (&ns, "eth0")] {
+            let host = if n == &h { 1 } else { 2 };
+            in_ns(
+                n,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("10.254.{net}.{host}/24"),
+                    "dev",
+                    end,
+                ],
+            );
+            in_ns(
+                n,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("fd00:254:{net}::{host}/64"),
+                    "dev",
+                    end,
+                    "nodad",
+                ],
+            );
+            in_ns(n, &["ip", "link", "set", end, "up"]);
+        }
+    }
+}
+
+/// WS-Discovery datagrams (UDP to port 3702) sent out of each interface of `ns`, counted by
+/// iptables/ip6tables rules without a target.
+struct ProbeCounter {
+    ns: String,
+    interfaces: Vec<String>,
+}
+
+impl ProbeCounter {
+    fn new(ns: &str, interfaces: &[&str]) -> Self {
+        for tool in ["iptables", "ip6tables"] {
+            for i in interfaces {
+                in_ns(
+                    ns,
+                    &[
+                        tool, "-A", "OUTPUT", "-o", i, "-p", "udp", "--dport", "3702",
+                    ],
+                );
+            }
+        }
+        ProbeCounter {
+            ns: ns.into(),
+            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn zero(&self) {
+        for tool in ["iptables", "ip6tables"] {
+            in_ns(&self.ns, &[tool, "-Z", "OUTPUT"]);
+        }
+    }
+
+    /// (IPv4, IPv6) datagrams out of `interface` since the last `zero`.
+    fn sent(&self, interface: &str) -> (u64, u64) {
+        assert!(self.interfaces.iter().any(|i| i == interface));
+        let count = |tool: &str| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.ns, tool, "-S", "OUTPUT", "-v"])
+                .output()
+                .expect("iptables");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            // "-A OUTPUT -o br0 -p udp -m udp --dport 3702 -c <packets> <bytes>"
+            text.lines()
+                .find(|l| l.contains(&format!("-o {interface} ")))
+                .and_then(|l| l.split(" -c ").nth(1))
+                .and_then(|c| c.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no counter for {interface}: {text}"))
+        };
+        (count("iptables"), count("ip6tables"))
+    }
+
+    /// Waits (polling under a deadline) until `interface` has sent at least `n` probes per family.
+    fn wait_sent(&self, interface: &str, n: u64) -> (u64, u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let c = self.sent(interface);
+            if c.0 >= n && c.1 >= n {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{interface} sent only {c:?} probes"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn interfaces_setting_and_default_route_exclusion() {
+    if !ready() {
+        return;
+    }
+    let mut lab = Lab::new("i");
+    let cam_ns = lab.add_camera_ns(1, 10);
+    let hns = lab.handler_ns();
+    // vgoi2 holds the IPv4 default route, vgoi3 the IPv6 one; the camera is on br0 only.
+    lab.add_link("vgoi2", 72);
+    lab.add_link("vgoi3", 73);
+    in_ns(
+        &hns,
+        &[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.254.72.2",
+            "dev",
+            "vgoi2",
+        ],
+    );
+    in_ns(
+        &hns,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:254:73::2",
+            "dev",
+            "vgoi3",
+        ],
+    );
+    let probes = ProbeCounter::new(&hns, &["br0", "vgoi2", "vgoi3"]);
+    let _cam = Peer::camera(
+        &cam_ns,
+        "cam-i1",
+        "10.254.70.10",
+        &format!("urn:uuid:{UUID1}"),
+        &[],
+    );
+
+    // Default interfaces: br0 probed (IPv4 and IPv6), both default-route links never.
+    probes.zero();
+    let mut h = Handler::start(&hns, "probeIntervalSeconds: 1", &[]);
+    h.wait_for("the camera on the default interfaces", |u| {
+        ids(u) == [UUID1]
+    });
+    // Two rounds at least: two probes (NVT, Device) per family and round.
+    let on_br0 = probes.wait_sent("br0", 4);
+    drop(h);
+    let (v2, v3) = (probes.sent("vgoi2"), probes.sent("vgoi3"));
+    println!("default: probes out of br0 {on_br0:?}, vgoi2 {v2:?}, vgoi3 {v3:?}");
+    assert_eq!(v2, (0, 0), "probes out of the IPv4 default-route interface");
+    assert_eq!(v3, (0, 0), "probes out of the IPv6 default-route interface");
+
+    // interfaces: [br0] — the camera's link — finds it, and nothing goes elsewhere.
+    probes.zero();
+    let mut h = Handler::start(&hns, "probeIntervalSeconds: 1\ninterfaces: [br0]", &[]);
+    h.wait_for("the camera on br0", |u| ids(u) == [UUID1]);
+    probes.wait_sent("br0", 2);
+    drop(h);
+    assert_eq!(probes.sent("vgoi2"), (0, 0));
+    assert_eq!(probes.sent("vgoi3"), (0, 0));
+
+    // interfaces: [vgoi2] — named explicitly, so probed although it holds the default route —
+    // does not reach the camera; br0 stays silent.
+    probes.zero();
+    let mut h = Handler::start(&hns, "probeIntervalSeconds: 1\ninterfaces: [vgoi2]", &[]);
+    let out = probes.wait_sent("vgoi2", 4);
+    h.never(Duration::from_secs(3), "the camera through vgoi2", |u| {
+        !u.devices.is_empty()
+    });
+    drop(h);
+    println!("interfaces: [vgoi2]: probes out of vgoi2 {out:?}");
+    assert_eq!(probes.sent("br0"), (0, 0), "probes out of br0");
+    assert_eq!(probes.sent("vgoi3"), (0, 0), "probes out of vgoi3");
 }
