@@ -196,6 +196,493 @@ async fn agent_host_access_follows_enabled_protocols() -> Result<()> {
 /// The protocol handlers' chart blocks (each creates a Configuration when enabled).
 const PROTOCOL_BLOCKS: [&str; 6] = ["onvif", "usb", "udev", "modbus", "ble", "mdns"];
 
+/// `helm template t <chart> --set ...` parsed into its documents (helm only, no cluster).
+async fn render(sets: &[String]) -> Result<Vec<serde_json::Value>> {
+    let chart = chart();
+    let mut args = vec!["template", "t", chart.as_str()];
+    for s in sets {
+        args.push("--set");
+        args.push(s);
+    }
+    let out = helm(&args).await?;
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&out).context("parsing helm template's output")?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// The DaemonSet called `name` among `docs`.
+fn daemonset<'a>(docs: &'a [serde_json::Value], name: &str) -> Result<&'a serde_json::Value> {
+    docs.iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == name)
+        .with_context(|| format!("no DaemonSet {name} rendered"))
+}
+
+fn daemonset_names(docs: &[serde_json::Value]) -> Vec<String> {
+    let mut names: Vec<String> = docs
+        .iter()
+        .filter(|d| d["kind"] == "DaemonSet")
+        .filter_map(|d| d["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+/// What a pod of a DaemonSet gets from the node: host network, and the hostPaths it mounts
+/// (path, read-only) into its first container.
+#[derive(Debug, PartialEq, Eq)]
+struct HostAccess {
+    host_network: bool,
+    host_paths: Vec<(String, bool)>,
+}
+
+fn host_access(ds: &serde_json::Value) -> HostAccess {
+    let pod = &ds["spec"]["template"]["spec"];
+    let empty = Vec::new();
+    let volumes = pod["volumes"].as_array().unwrap_or(&empty);
+    let mounts = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap_or(&empty);
+    let mut host_paths: Vec<(String, bool)> = volumes
+        .iter()
+        .filter_map(|v| {
+            let path = v["hostPath"]["path"].as_str()?;
+            let mount = mounts.iter().find(|m| m["name"] == v["name"])?;
+            Some((path.to_string(), mount["readOnly"] == true))
+        })
+        .collect();
+    host_paths.sort();
+    HostAccess {
+        host_network: pod["hostNetwork"] == true,
+        host_paths,
+    }
+}
+
+fn args(ds: &serde_json::Value) -> Vec<String> {
+    ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A probe of the handler container: `(path, port name)`.
+fn probe(ds: &serde_json::Value, which: &str) -> Option<(String, String)> {
+    let p = &ds["spec"]["template"]["spec"]["containers"][0][which]["httpGet"];
+    Some((
+        p["path"].as_str()?.to_string(),
+        p["port"].as_str()?.to_string(),
+    ))
+}
+
+/// The agent's host paths that are always mounted, whatever protocols are enabled.
+fn agent_base_paths() -> Vec<(String, bool)> {
+    vec![
+        ("/var/lib/akri".to_string(), false),
+        ("/var/lib/kubelet/device-plugins".to_string(), false),
+        ("/var/lib/kubelet/pod-resources".to_string(), true),
+    ]
+}
+
+/// With `<block>.discovery.image.repository` set, the protocol's standalone handler runs as its
+/// own DaemonSet with exactly that protocol's host access, registering over the agent's socket
+/// directory (with the socket's group), probed on its health port; the agent stops embedding it
+/// (`--disable-embedded-handler`) and loses the host access it had only for it.
+#[tokio::test]
+async fn protocol_handler_daemonsets_take_over_the_host_access() -> Result<()> {
+    if !have_helm() {
+        return Ok(());
+    }
+    let handlers_dir = ("/var/lib/akri".to_string(), false);
+    let run_udev = ("/run/udev".to_string(), true);
+    let run_dbus = ("/run/dbus".to_string(), true);
+    for (block, binary_args, disabled, host_network, paths, port) in [
+        ("onvif", vec![], vec!["onvif"], true, vec![], 8091),
+        (
+            "usb",
+            vec![],
+            vec!["usb"],
+            true,
+            vec![run_udev.clone()],
+            8092,
+        ),
+        (
+            "udev",
+            vec![],
+            vec!["udev"],
+            true,
+            vec![run_udev.clone()],
+            8093,
+        ),
+        (
+            "modbus",
+            vec!["--transport=tcp"],
+            vec!["modbus-tcp"],
+            false,
+            vec![],
+            8094,
+        ),
+        (
+            "ble",
+            vec![],
+            vec!["ble"],
+            false,
+            vec![run_dbus.clone()],
+            8095,
+        ),
+        ("mdns", vec![], vec!["mdns"], true, vec![], 8096),
+    ] {
+        let image = format!("example.com/verge-{block}-discovery");
+        let docs = render(&[
+            format!("{block}.discovery.enabled=true"),
+            format!("{block}.discovery.image.repository={image}"),
+            format!("{block}.discovery.args[0]=--extra"),
+        ])
+        .await?;
+        let name = format!("t-verge-{block}-discovery");
+        ensure!(
+            daemonset_names(&docs) == ["t-verge-agent".to_string(), name.clone()],
+            "{block}: expected the agent and {name} only, rendered {:?}",
+            daemonset_names(&docs)
+        );
+        let ds = daemonset(&docs, &name)?;
+        let pod = &ds["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+
+        let mut expected_paths = vec![handlers_dir.clone()];
+        expected_paths.extend(paths);
+        expected_paths.sort();
+        let got = host_access(ds);
+        ensure!(
+            got == HostAccess {
+                host_network,
+                host_paths: expected_paths.clone()
+            },
+            "{block}: handler host access {got:?}, expected host network {host_network}, {expected_paths:?}"
+        );
+        if host_network {
+            ensure!(
+                pod["dnsPolicy"] == "ClusterFirstWithHostNet",
+                "{block}: {pod}"
+            );
+        }
+        ensure!(
+            container["image"] == format!("{image}:0.1.0").as_str(),
+            "{block}: image {} (the tag defaults to the appVersion)",
+            container["image"]
+        );
+        let health = format!("--health-address=0.0.0.0:{port}");
+        let mut expected_args: Vec<&str> = binary_args.clone();
+        expected_args.push(&health);
+        expected_args.push("--extra");
+        ensure!(
+            args(ds) == expected_args,
+            "{block}: handler args {:?}, expected {expected_args:?}",
+            args(ds)
+        );
+        ensure!(
+            container["ports"][0]["name"] == "health"
+                && container["ports"][0]["containerPort"] == port,
+            "{block}: ports {}",
+            container["ports"]
+        );
+        for (which, path) in [
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("startupProbe", "/healthz"),
+        ] {
+            ensure!(
+                probe(ds, which) == Some((path.to_string(), "health".to_string())),
+                "{block}: {which} {}",
+                container[which]
+            );
+        }
+        // registers over the agent's 0660 socket: its group, and the handlers directory
+        ensure!(
+            pod["securityContext"]["supplementalGroups"] == serde_json::json!([2000]),
+            "{block}: {}",
+            pod["securityContext"]
+        );
+        ensure!(
+            container["env"].as_array().is_some_and(|env| env
+                .iter()
+                .any(|e| e["name"] == "DISCOVERY_HANDLERS_DIRECTORY"
+                    && e["value"] == "/var/lib/akri")),
+            "{block}: env {}",
+            container["env"]
+        );
+        ensure!(
+            pod["automountServiceAccountToken"] == false
+                && container["securityContext"]["readOnlyRootFilesystem"] == true
+                && container["securityContext"]["allowPrivilegeEscalation"] == false
+                && container["securityContext"]["capabilities"]["drop"]
+                    == serde_json::json!(["ALL"]),
+            "{block}: not hardened: {pod}"
+        );
+
+        let agent = daemonset(&docs, "t-verge-agent")?;
+        let disable: Vec<String> = args(agent)
+            .into_iter()
+            .filter(|a| a.starts_with("--disable-embedded-handler"))
+            .collect();
+        let expected_disable: Vec<String> = disabled
+            .iter()
+            .map(|h| format!("--disable-embedded-handler={h}"))
+            .collect();
+        ensure!(
+            disable == expected_disable,
+            "{block}: agent {disable:?}, expected {expected_disable:?}"
+        );
+        let got = host_access(agent);
+        ensure!(
+            got == HostAccess {
+                host_network: false,
+                host_paths: agent_base_paths()
+            },
+            "{block}: the agent kept host access it no longer needs: {got:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The agent loses only the access of the protocol that moved out: an embedded protocol that
+/// needs the same access keeps it.
+#[tokio::test]
+async fn agent_keeps_the_host_access_of_protocols_still_embedded() -> Result<()> {
+    if !have_helm() {
+        return Ok(());
+    }
+    let run_udev = ("/run/udev".to_string(), true);
+    for (sets, host_network, extra_paths, disabled) in [
+        // usb moves out, udev stays embedded: the agent still needs uevents
+        (
+            vec![
+                "usb.discovery.enabled=true",
+                "usb.discovery.image.repository=u",
+                "udev.discovery.enabled=true",
+            ],
+            true,
+            vec![run_udev.clone()],
+            vec!["--disable-embedded-handler=usb"],
+        ),
+        // onvif moves out, mdns stays embedded: still multicast, no /run/udev
+        (
+            vec![
+                "onvif.discovery.enabled=true",
+                "onvif.discovery.image.repository=o",
+                "mdns.discovery.enabled=true",
+            ],
+            true,
+            vec![],
+            vec!["--disable-embedded-handler=onvif"],
+        ),
+        // everything out: the agent has no host access beyond its own paths
+        (
+            vec![
+                "onvif.discovery.enabled=true",
+                "onvif.discovery.image.repository=o",
+                "mdns.discovery.enabled=true",
+                "mdns.discovery.image.repository=m",
+                "ble.discovery.enabled=true",
+                "ble.discovery.image.repository=b",
+            ],
+            false,
+            vec![],
+            vec![
+                "--disable-embedded-handler=ble",
+                "--disable-embedded-handler=mdns",
+                "--disable-embedded-handler=onvif",
+            ],
+        ),
+        // an image without discovery.enabled runs nothing and disables nothing
+        (
+            vec!["onvif.discovery.image.repository=o"],
+            false,
+            vec![],
+            vec![],
+        ),
+    ] {
+        let sets: Vec<String> = sets.into_iter().map(str::to_string).collect();
+        let docs = render(&sets).await?;
+        let agent = daemonset(&docs, "t-verge-agent")?;
+        let mut host_paths = agent_base_paths();
+        host_paths.extend(extra_paths);
+        host_paths.sort();
+        let got = host_access(agent);
+        ensure!(
+            got == HostAccess {
+                host_network,
+                host_paths: host_paths.clone()
+            },
+            "{sets:?}: agent {got:?}, expected host network {host_network}, {host_paths:?}"
+        );
+        let disable: Vec<String> = args(agent)
+            .into_iter()
+            .filter(|a| a.starts_with("--disable-embedded-handler"))
+            .collect();
+        ensure!(disable == disabled, "{sets:?}: agent {disable:?}");
+    }
+    Ok(())
+}
+
+/// Every block's `discovery` refuses misspelt and mistyped keys, clashing health ports are
+/// refused at render time, and the chart lints clean with every handler external.
+#[tokio::test]
+async fn handler_blocks_refuse_misspelt_values_and_port_clashes() -> Result<()> {
+    if !have_helm() {
+        return Ok(());
+    }
+    let mut cases: Vec<(Vec<String>, String)> = Vec::new();
+    for block in PROTOCOL_BLOCKS.iter().chain(&["custom"]) {
+        cases.push((
+            vec![format!("{block}.discovery.imag.repository=x")],
+            "additional properties 'imag' not allowed".into(),
+        ));
+        cases.push((
+            vec![format!("{block}.discovery.image.repositry=x")],
+            "additional properties 'repositry' not allowed".into(),
+        ));
+        cases.push((
+            vec![format!("{block}.discovery.healthPrt=8091")],
+            "additional properties 'healthPrt' not allowed".into(),
+        ));
+        cases.push((
+            vec![format!("{block}.discovery.healthPort=abc")],
+            format!("at '/{block}/discovery/healthPort': got string"),
+        ));
+        cases.push((
+            vec![format!("{block}.discovery.image.pullPolicy=Sometimes")],
+            "value must be one of 'Always', 'IfNotPresent', 'Never'".into(),
+        ));
+    }
+    for (block, other) in [("onvif", "mdns"), ("usb", "udev"), ("modbus", "ble")] {
+        cases.push((
+            vec![
+                format!("{block}.discovery.enabled=true"),
+                format!("{block}.discovery.image.repository=x"),
+                format!("{block}.discovery.healthPort=8090"),
+            ],
+            format!("{block}.discovery.healthPort 8090 is also agent.metricsPort"),
+        ));
+        cases.push((
+            vec![
+                format!("{block}.discovery.enabled=true"),
+                format!("{block}.discovery.image.repository=x"),
+                format!("{other}.discovery.enabled=true"),
+                format!("{other}.discovery.image.repository=y"),
+                format!("{block}.discovery.healthPort=9000"),
+                format!("{other}.discovery.healthPort=9000"),
+            ],
+            "healthPort 9000 is also".into(),
+        ));
+    }
+    for (sets, expected) in cases {
+        let mut args = vec!["template".to_string(), "t".into(), chart()];
+        for s in &sets {
+            args.push("--set".into());
+            args.push(s.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&helm_path(), &args, None).await?;
+        ensure!(!out.status.success(), "{sets:?} was accepted");
+        ensure!(
+            out.stderr.contains(&expected),
+            "{sets:?}: expected {expected:?} in: {}",
+            out.stderr
+        );
+    }
+
+    let mut lint = vec!["lint".to_string(), "--strict".into(), chart()];
+    for block in PROTOCOL_BLOCKS {
+        for set in [
+            format!("{block}.discovery.enabled=true"),
+            format!("{block}.discovery.image.repository=example.com/verge-{block}-discovery"),
+            format!("{block}.configuration.enabled=true"),
+        ] {
+            lint.push("--set".into());
+            lint.push(set);
+        }
+    }
+    let lint: Vec<&str> = lint.iter().map(String::as_str).collect();
+    let out = run(&helm_path(), &lint, None).await?;
+    ensure!(
+        out.status.success()
+            && !out.stdout.contains("[WARNING]")
+            && !out.stdout.contains("[ERROR]"),
+        "helm lint with every handler external: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    Ok(())
+}
+
+/// The custom handler gets probes only with `custom.discovery.healthPort` (Akri's handlers,
+/// which this block runs unchanged, serve no health endpoint), through an environment variable
+/// an image that does not know it ignores.
+#[tokio::test]
+async fn custom_handler_probes_follow_its_health_port() -> Result<()> {
+    if !have_helm() {
+        return Ok(());
+    }
+    let base: Vec<String> = [
+        "custom.discovery.enabled=true",
+        "custom.discovery.name=h",
+        "custom.discovery.image.repository=example.com/h",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect();
+    let docs = render(&base).await?;
+    let ds = daemonset(&docs, "t-verge-custom-discovery")?;
+    ensure!(
+        probe(ds, "livenessProbe").is_none() && probe(ds, "readinessProbe").is_none(),
+        "probes without a health port: {ds}"
+    );
+    let mut sets = base.clone();
+    sets.push("custom.discovery.healthPort=8097".into());
+    let docs = render(&sets).await?;
+    let ds = daemonset(&docs, "t-verge-custom-discovery")?;
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    ensure!(
+        container["env"]
+            .as_array()
+            .is_some_and(|env| env
+                .iter()
+                .any(|e| e["name"] == "DISCOVERY_HANDLER_HEALTH_ADDRESS"
+                    && e["value"] == "0.0.0.0:8097")),
+        "env {}",
+        container["env"]
+    );
+    ensure!(
+        container["ports"][0]["containerPort"] == 8097,
+        "{}",
+        container["ports"]
+    );
+    for (which, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        ensure!(
+            probe(ds, which) == Some((path.to_string(), "health".to_string())),
+            "{which} {}",
+            container[which]
+        );
+    }
+    ensure!(
+        host_access(ds)
+            == HostAccess {
+                host_network: false,
+                host_paths: vec![("/var/lib/akri".to_string(), false)]
+            },
+        "custom handler host access {:?}",
+        host_access(ds)
+    );
+    Ok(())
+}
+
 /// Values enabling every block the chart has (monitoring aside: it needs the Prometheus
 /// Operator's CRDs, which the test cluster does not have; it is rendered separately).
 fn every_block(ns: &str) -> Vec<String> {
@@ -257,9 +744,16 @@ async fn chart_renders_manifests_the_cluster_accepts() -> Result<()> {
     }
     let _serial = serial().await;
     let ns = c.namespace("chart-render").await?;
+    let every_block_external: Vec<String> = every_block(ns.name())
+        .into_iter()
+        .chain(PROTOCOL_BLOCKS.iter().map(|block| {
+            format!("{block}.discovery.image.repository=example.com/verge-{block}-discovery")
+        }))
+        .collect();
     for (what, sets) in [
         ("defaults", vec![]),
         ("every block", every_block(ns.name())),
+        ("every block, handlers external", every_block_external),
     ] {
         let manifests = template(ns.name(), &sets).await?;
         let out = c
@@ -276,7 +770,7 @@ async fn chart_renders_manifests_the_cluster_accepts() -> Result<()> {
         ] {
             ensure!(out.contains(kind), "{what}: no {kind} in: {out}");
         }
-        if what == "every block" {
+        if what.starts_with("every block") {
             ensure!(
                 out.matches("configuration.akri.sh/").count() == 2 + PROTOCOL_BLOCKS.len(),
                 "expected a Configuration per block: {out}"
@@ -285,6 +779,14 @@ async fn chart_renders_manifests_the_cluster_accepts() -> Result<()> {
                 out.contains("daemonset.apps/verge-e2e-chart-custom-discovery"),
                 "{out}"
             );
+        }
+        if what == "every block, handlers external" {
+            for block in PROTOCOL_BLOCKS {
+                ensure!(
+                    out.contains(&format!("daemonset.apps/verge-e2e-chart-{block}-discovery")),
+                    "{what}: no {block} handler DaemonSet in: {out}"
+                );
+            }
         }
     }
     let monitors = template(

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser, ValueEnum};
+use verge_discovery_sdk::DiscoveryHandler;
 use verge_discovery_sdk::cli::ServeArgs;
-use verge_discovery_sdk::{DiscoveryHandler, Runner};
 use verge_modbus::{ModbusRtu, ModbusTcp};
 
 const PROGRAM: &str = "verge-modbus-discovery";
@@ -45,43 +45,14 @@ async fn main() -> ExitCode {
             )
             .exit();
     }
-    let handlers: [Arc<dyn DiscoveryHandler>; 2] = match args.transport {
-        Transport::Tcp => {
-            return args
-                .serve
-                .serve(PROGRAM, Arc::new(ModbusTcp::default()))
-                .await;
-        }
-        Transport::Rtu => {
-            return args
-                .serve
-                .serve(PROGRAM, Arc::new(ModbusRtu::default()))
-                .await;
-        }
-        Transport::Both => [
+    let handlers: Vec<Arc<dyn DiscoveryHandler>> = match args.transport {
+        Transport::Tcp => vec![Arc::new(ModbusTcp::default())],
+        Transport::Rtu => vec![Arc::new(ModbusRtu::default())],
+        Transport::Both => vec![
             Arc::new(ModbusTcp::default()),
             Arc::new(ModbusRtu::default()),
         ],
     };
-    let config = match args.serve.runner_config() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{PROGRAM}: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runs = handlers.into_iter().map(|h| {
-        let config = config.clone();
-        let name = h.name().to_string();
-        async move { (name, Runner::new(h, config).run_until_signal().await) }
-    });
-    // The first runner to stop (signal or error) ends the process.
-    let ((name, result), _, _) = futures::future::select_all(runs.map(Box::pin)).await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{PROGRAM} ({name}): {e}");
-            ExitCode::FAILURE
-        }
-    }
+    // One process, one health endpoint (--health-address): ready once every handler is registered.
+    args.serve.serve_all(PROGRAM, handlers).await
 }

@@ -1,5 +1,6 @@
 //! Command-line flags every external handler binary shares: where to register, and where and how
-//! to serve (a unix socket by default; a TCP address, optionally with TLS, for network handlers).
+//! to serve (a unix socket by default; a TCP address, optionally with TLS, for network handlers),
+//! and an optional HTTP health endpoint for kubelet probes (`--health-address`).
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -18,6 +19,7 @@
 //! }
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +27,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use crate::health::HealthState;
 use crate::runner::ServeEndpoint;
 use crate::{
     DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, DiscoveryHandler,
@@ -88,6 +91,12 @@ pub struct ServeArgs {
         requires = "tls_cert_file"
     )]
     pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Serve HTTP /healthz (200 while the handler serves) and /readyz (200 once it is
+    /// registered with the agent) on this address, for kubelet probes: a handler on a unix
+    /// socket cannot be probed otherwise, and handler images have no shell for exec probes.
+    #[arg(long, env = "DISCOVERY_HANDLER_HEALTH_ADDRESS")]
+    pub health_address: Option<SocketAddr>,
 }
 
 /// Why the flags do not make a runner configuration.
@@ -101,6 +110,28 @@ pub enum ServeArgsError {
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+}
+
+/// Why [`ServeArgs::run`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The flags make no configuration.
+    #[error(transparent)]
+    Args(#[from] ServeArgsError),
+    /// The health endpoint could not start, or failed.
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
+    /// A handler's runner failed.
+    #[error("{handler}: {source}")]
+    Runner {
+        /// The handler whose runner failed.
+        handler: String,
+        /// Why.
+        source: crate::RunnerError,
+    },
+    /// No handler was given to serve.
+    #[error("no handler to serve")]
+    NoHandler,
 }
 
 impl ServeArgs {
@@ -150,18 +181,96 @@ impl ServeArgs {
     /// exit with 2 (as clap does for bad flags), a failed runner with 1; `program` names the
     /// binary in the message.
     pub async fn serve(&self, program: &str, handler: Arc<dyn DiscoveryHandler>) -> ExitCode {
-        let config = match self.runner_config() {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("{program}: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        match Runner::new(handler, config).run_until_signal().await {
+        self.serve_all(program, vec![handler]).await
+    }
+
+    /// [`Self::serve`] for a binary serving several handlers (each on its default socket),
+    /// with one health endpoint for all of them: ready once every one is registered.
+    pub async fn serve_all(
+        &self,
+        program: &str,
+        handlers: Vec<Arc<dyn DiscoveryHandler>>,
+    ) -> ExitCode {
+        match self.run(handlers, crate::runner::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e @ ServeError::Args(_)) => {
+                eprintln!("{program}: {e}");
+                ExitCode::from(2)
+            }
             Err(e) => {
                 eprintln!("{program}: {e}");
                 ExitCode::FAILURE
+            }
+        }
+    }
+
+    /// Serves `handlers` (and the health endpoint, with --health-address) until `shutdown`
+    /// completes or the first runner stops.
+    pub async fn run(
+        &self,
+        handlers: Vec<Arc<dyn DiscoveryHandler>>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        if handlers.is_empty() {
+            return Err(ServeError::NoHandler);
+        }
+        let mut config = self.runner_config()?;
+        let health = match self.health_address {
+            Some(address) => {
+                let state = HealthState::new();
+                for h in &handlers {
+                    state.expect(h.name());
+                }
+                config.health = Some(state.clone());
+                Some(crate::health::bind(address, state).await?)
+            }
+            None => None,
+        };
+        // One stop for every runner: the caller's shutdown, or the first runner to end (one
+        // handler failing ends the process). Each runner then removes its own socket; dropping
+        // the others' futures instead would leave their sockets behind.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = Arc::new(stop);
+        let runs = handlers.into_iter().map(|h| {
+            let config = config.clone();
+            let stop = stop.clone();
+            let mut stopped = stopped.clone();
+            let name = h.name().to_string();
+            async move {
+                let result = Runner::new(h, config)
+                    .run(async move {
+                        // Err: every sender is gone, which is a stop as well.
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+                stop.send_replace(true);
+                result.map_err(|source| ServeError::Runner {
+                    handler: name,
+                    source,
+                })
+            }
+        });
+        let runners = futures::future::join_all(runs);
+        tokio::pin!(runners);
+        let health = async move {
+            match health {
+                Some(server) => server.await,
+                None => std::future::pending().await,
+            }
+        };
+        let first_error = |results: Vec<Result<(), ServeError>>| {
+            results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+        };
+        tokio::select! {
+            results = &mut runners => first_error(results),
+            () = shutdown => {
+                stop.send_replace(true);
+                first_error(runners.await)
+            }
+            r = health => {
+                stop.send_replace(true);
+                first_error(runners.await)?;
+                r.map_err(ServeError::from)
             }
         }
     }
@@ -204,6 +313,18 @@ mod tests {
             }
         );
         assert!(config.tls.is_none());
+    }
+
+    #[test]
+    fn health_address_is_optional_and_must_be_an_address() {
+        assert_eq!(parse(&[]).expect("parse").health_address, None);
+        assert_eq!(
+            parse(&["--health-address", "0.0.0.0:8091"])
+                .expect("parse")
+                .health_address,
+            Some("0.0.0.0:8091".parse().expect("addr"))
+        );
+        assert!(parse(&["--health-address", "8091"]).is_err());
     }
 
     #[test]

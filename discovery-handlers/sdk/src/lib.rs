@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod filter;
 pub mod handler;
+pub mod health;
 pub mod remote;
 pub mod runner;
 pub mod server;

@@ -12,6 +12,7 @@ use verge_device_plugin_proto::v0::RegisterDiscoveryHandlerRequest;
 use verge_device_plugin_proto::v0::register_discovery_handler_request::EndpointType;
 use verge_device_plugin_proto::v0::registration_client::RegistrationClient;
 
+use crate::health::HealthState;
 use crate::server::DiscoveryService;
 use crate::{
     DEFAULT_DISCOVERY_HANDLERS_DIRECTORY, DISCOVERY_HANDLERS_DIRECTORY_ENV, DiscoveryHandler,
@@ -66,6 +67,9 @@ pub struct RunnerConfig {
     /// Serve a network endpoint over TLS (see [`crate::tls::server_config`]). Required by the
     /// agent for endpoints outside its node's pod network.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Where to report serving and registration, for a health endpoint
+    /// ([`crate::health::bind`]); several runners of one process share one.
+    pub health: Option<HealthState>,
 }
 
 impl Default for RunnerConfig {
@@ -79,6 +83,7 @@ impl Default for RunnerConfig {
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             shared: None,
             tls: None,
+            health: None,
         }
     }
 }
@@ -209,6 +214,11 @@ impl Runner {
             }
         };
         tracing::info!(handler = %name, endpoint = %request.endpoint, shared, "serving discovery handler");
+        // The listener is bound and the server future holds it: connections are accepted from
+        // here on, which is what liveness means for a handler.
+        if let Some(health) = &self.config.health {
+            health.set_serving(&name, true);
+        }
 
         let registration = keep_registered(self.config.clone(), request);
         let result = tokio::select! {
@@ -219,6 +229,10 @@ impl Runner {
                 Ok(())
             }
         };
+        if let Some(health) = &self.config.health {
+            health.set_serving(&name, false);
+            health.set_registered(&name, false);
+        }
         if let Some(path) = socket_path {
             let _ = std::fs::remove_file(path);
         }
@@ -255,6 +269,11 @@ async fn keep_registered(config: RunnerConfig, request: RegisterDiscoveryHandler
     let mut registered: Option<SocketIdentity> = None;
     let mut backoff = config.backoff_initial;
     let mut waiting_logged = false;
+    let report = |registered: bool| {
+        if let Some(health) = &config.health {
+            health.set_registered(&request.name, registered);
+        }
+    };
     loop {
         let current = socket_identity(&socket);
         match current {
@@ -264,16 +283,21 @@ async fn keep_registered(config: RunnerConfig, request: RegisterDiscoveryHandler
                     waiting_logged = true;
                 }
                 registered = None;
+                report(false);
             }
             Some(id) if registered != Some(id) => {
                 match register(&socket, &request, config.register_timeout).await {
                     Ok(()) => {
                         tracing::info!(handler = %request.name, "registered with the agent");
                         registered = Some(id);
+                        report(true);
                         backoff = config.backoff_initial;
                         waiting_logged = false;
                     }
                     Err(e) => {
+                        // A new agent socket we are not registered with: the old registration
+                        // died with the old agent.
+                        report(false);
                         tracing::warn!(handler = %request.name, error = %e, retry_in = ?backoff, "registration failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(config.backoff_max);
