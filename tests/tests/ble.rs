@@ -203,3 +203,165 @@ async fn ble_peripheral_becomes_instance_with_broker_env() -> Result<()> {
     drop(bluez);
     Ok(())
 }
+
+/// `verge-ble-discovery` (the external handler) running on `node`, registered with `agent`.
+struct ExternalBle {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ExternalBle {
+    fn start(agent: &Agent, bus: &str) -> Result<Self> {
+        let bin = verge_e2e::agent::agent_binary().with_file_name("verge-ble-discovery");
+        ensure!(
+            bin.exists(),
+            "{} is missing; run `cargo build --bins`",
+            bin.display()
+        );
+        let log = agent.handlers_dir.with_file_name("ble-handler.log");
+        let out = std::fs::File::create(&log)?;
+        // Node 2's agent lives in node 2's namespaces; so does its handler. The bus is a
+        // filesystem socket, reachable from there like a host's /run/dbus would be.
+        let child = Command::new(verge_e2e::cluster_script())
+            .args(["node-exec", &agent.node])
+            .arg(&bin)
+            .args(["--directory", &agent.handlers_dir.display().to_string()])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting verge-ble-discovery")?;
+        Ok(ExternalBle { child, log })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ExternalBle {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Issue 10 item 5 ("several nodes may hear one device") and item 6's "embedded and external":
+/// node 1's agent runs the embedded handler, node 2's agent has it disabled and gets the device
+/// from the standalone `verge-ble-discovery` over the registration socket. Both hear the same
+/// peripheral; the Instance lists both nodes, and capacity 1 gives it one broker.
+#[tokio::test]
+async fn a_peripheral_two_nodes_hear_is_one_instance_with_one_broker() -> Result<()> {
+    let Some(t) = ProtocolTest::start("ble").await? else {
+        return Ok(());
+    };
+    let (c, ns) = (&t.cluster, t.namespace.name().to_string());
+    let nodes = c.node_names().await?;
+    if nodes.len() < 2 {
+        verge_e2e::uncaptured("ble two-node test: the cluster has one node; skipped");
+        ensure!(
+            !verge_e2e::required(),
+            "VERGE_E2E=required needs a two-node cluster"
+        );
+        return Ok(());
+    }
+    let bluez = MockBluez::start(&t.python).await?;
+    let bus = [("DBUS_SYSTEM_BUS_ADDRESS", bluez.address.as_str())];
+    let _embedded = Agent::start_with_env(&nodes[0], &ns, &[], &bus).await?;
+    let external_agent =
+        Agent::start_with_env(&nodes[1], &ns, &["--disable-embedded-handler", "ble"], &[]).await?;
+    let handler = ExternalBle::start(&external_agent, &bluez.address)?;
+    let _controller = ControllerProcess::start(c, &ns, "ble2", &[]).await?;
+    let started = Instant::now();
+    configuration("ble-shared").apply(c, &ns).await?;
+
+    let api: Api<Instance> = Api::namespaced(c.client(), &ns);
+    let want: std::collections::BTreeSet<String> = nodes.iter().take(2).cloned().collect();
+    let instance = wait_until("one Instance listing both nodes", DEADLINE, || async {
+        let list = api.list(&ListParams::default()).await?.items;
+        let both = |i: &Instance| {
+            i.spec
+                .nodes
+                .iter()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                == want
+        };
+        Ok((list.len() == 1 && both(&list[0])).then(|| list[0].clone()))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "node 2 agent log:\n{}\nexternal handler log:\n{}",
+            external_agent.log_text(),
+            handler.log_text()
+        )
+    })?;
+    report_time("BLE Configuration → one Instance on both nodes", started);
+    ensure!(instance.spec.shared, "BLE devices are shared");
+    ensure!(
+        instance.spec.capacity == 1,
+        "capacity {}",
+        instance.spec.capacity
+    );
+    ensure!(
+        instance
+            .spec
+            .broker_properties
+            .get("BLE_ADDRESS")
+            .map(String::as_str)
+            == Some(ADDRESS),
+        "{:?}",
+        instance.spec.broker_properties
+    );
+    ensure!(
+        external_agent
+            .log_text()
+            .contains("embedded handler disabled"),
+        "node 2's agent still embeds ble"
+    );
+
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client(), &ns);
+    let selector = ListParams::default().labels("akri.sh/configuration=ble-shared");
+    let running = wait_until("a Running broker", DEADLINE, || async {
+        let list = pods.list(&selector).await?.items;
+        Ok(list
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    })
+    .await?;
+    report_time("Instance → broker Running", started);
+    let claimed = wait_until("the broker's slot recorded", DEADLINE, || async {
+        let i = api
+            .get(&instance.metadata.name.clone().unwrap_or_default())
+            .await?;
+        Ok((i.spec.used_slots() == 1).then_some(i))
+    })
+    .await?;
+    let brokers = pods.list(&selector).await?.items;
+    ensure!(
+        brokers.len() == 1,
+        "capacity 1 allows one broker, found {}: {:?}",
+        brokers.len(),
+        brokers
+            .iter()
+            .map(verge_e2e::pod_summary)
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        claimed.spec.device_usage.values().any(|u| u.contains(
+            running
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .unwrap_or("?")
+        )),
+        "the slot is held by the broker's node: {:?}",
+        claimed.spec.device_usage
+    );
+    drop(handler);
+    drop(bluez);
+    Ok(())
+}
