@@ -290,6 +290,8 @@ async fn run(
     tx: mpsc::Sender<Result<DiscoveryUpdate, DiscoveryError>>,
 ) {
     let mut present: BTreeMap<String, Seen> = BTreeMap::new();
+    // Rounds in a row each present camera has not answered.
+    let mut missed: BTreeMap<String, u32> = BTreeMap::new();
     let mut cache: BTreeMap<String, Known> = BTreeMap::new();
 
     let mut interfaces: Option<Vec<net::Interface>> = None;
@@ -332,7 +334,8 @@ async fn run(
                 }
                 let plan = ProbePlan { interfaces: ifs, ipv4: s.ipv4, ipv6: s.ipv6, unicast: s.unicast.clone(), unicast_burst: s.unicast_concurrency, wait: s.discovery_timeout };
                 let round = net::probe_round(&plan).await;
-                present = seen_map(&s, round.into_values());
+                let answered = seen_map(&s, round.into_values());
+                present = keep_missing(present, answered, &mut missed, s.missed_rounds_before_lost);
                 next_round = Instant::now() + s.probe_interval;
                 full_round = true;
             }
@@ -350,6 +353,7 @@ async fn run(
                     let id = wsd::device_id(&endpoint);
                     tracing::debug!(%id, "Bye");
                     present.remove(&id);
+                    missed.remove(&id);
                 }
                 None => listening = false,
             },
@@ -402,6 +406,32 @@ async fn run(
     }
 }
 
+/// The cameras of a probe round, plus those of `before` that have not answered for fewer
+/// than `limit` rounds in a row (UDP probes and replies get lost; one silent round should not
+/// churn an Instance). `missed` counts the silent rounds per camera.
+fn keep_missing(
+    before: BTreeMap<String, Seen>,
+    mut answered: BTreeMap<String, Seen>,
+    missed: &mut BTreeMap<String, u32>,
+    limit: u32,
+) -> BTreeMap<String, Seen> {
+    missed.retain(|id, _| !answered.contains_key(id));
+    for (id, seen) in before {
+        if answered.contains_key(&id) {
+            continue;
+        }
+        let n = missed.entry(id.clone()).or_insert(0);
+        *n += 1;
+        if *n < limit {
+            tracing::debug!(%id, missed = *n, "camera silent this round; kept");
+            answered.insert(id, seen);
+        } else {
+            missed.remove(&id);
+        }
+    }
+    answered
+}
+
 fn seen_map(s: &Resolved, replies: impl Iterator<Item = Reply>) -> BTreeMap<String, Seen> {
     let mut out = BTreeMap::new();
     for (t, from) in replies {
@@ -430,6 +460,37 @@ pub fn is_secret_property(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_camera_survives_fewer_silent_rounds_than_the_limit() {
+        let seen = |ip: &str| Seen {
+            target: Target::default(),
+            url: format!("http://{ip}/onvif/device_service"),
+            ip: ip.into(),
+        };
+        let both: BTreeMap<String, Seen> = [
+            ("a".to_string(), seen("10.0.0.1")),
+            ("b".to_string(), seen("10.0.0.2")),
+        ]
+        .into();
+        let only_a: BTreeMap<String, Seen> = [("a".to_string(), seen("10.0.0.1"))].into();
+        let mut missed = BTreeMap::new();
+        // b silent once: kept.
+        let p = keep_missing(both.clone(), only_a.clone(), &mut missed, 2);
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["a", "b"]);
+        // b answers again: the count starts over.
+        let p = keep_missing(p, both.clone(), &mut missed, 2);
+        assert!(missed.is_empty());
+        let p = keep_missing(p, only_a.clone(), &mut missed, 2);
+        assert_eq!(p.len(), 2);
+        // b silent twice in a row: gone.
+        let p = keep_missing(p, only_a.clone(), &mut missed, 2);
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(missed.is_empty());
+        // Limit 1: gone at the first silent round.
+        let p = keep_missing(both, only_a, &mut missed, 1);
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["a"]);
+    }
 
     #[test]
     fn credentials_by_uuid_mac_and_default() {

@@ -70,7 +70,17 @@ pub struct OnvifSettings {
     /// Listen for Hello/Bye on port 3702 of the multicast interfaces (default true).
     #[serde(default)]
     pub listen_announcements: Option<bool>,
+    /// Probe rounds in a row a camera may miss before it is gone (default 2; 1 drops it at
+    /// the first unanswered round). WS-Discovery is UDP: a busy camera or network loses a
+    /// ProbeMatch now and then, and that should not churn its Instance. A Bye removes it at once.
+    #[serde(default)]
+    pub missed_rounds_before_lost: Option<u32>,
 }
+
+/// Default of `missedRoundsBeforeLost`.
+pub const DEFAULT_MISSED_ROUNDS_BEFORE_LOST: u32 = 2;
+/// Largest `missedRoundsBeforeLost` (longer absences belong to the agent's grace period).
+pub const MAX_MISSED_ROUNDS_BEFORE_LOST: u32 = 10;
 
 /// Settings checked and with defaults applied.
 #[derive(Debug, Clone)]
@@ -84,6 +94,7 @@ pub struct Resolved {
     pub unicast: Vec<IpAddr>,
     pub unicast_concurrency: usize,
     pub listen_announcements: bool,
+    pub missed_rounds_before_lost: u32,
 }
 
 fn seconds(name: &str, v: Option<u64>, default: u64) -> Result<Duration, DiscoveryError> {
@@ -175,8 +186,17 @@ impl Resolved {
                 "nothing to probe: multicast is off (interfaces: [] or ipv4 and ipv6 false) and unicastTargets is empty".into(),
             ));
         }
+        let missed_rounds_before_lost = raw
+            .missed_rounds_before_lost
+            .unwrap_or(DEFAULT_MISSED_ROUNDS_BEFORE_LOST);
+        if !(1..=MAX_MISSED_ROUNDS_BEFORE_LOST).contains(&missed_rounds_before_lost) {
+            return Err(DiscoveryError::InvalidSettings(format!(
+                "missedRoundsBeforeLost must be between 1 and {MAX_MISSED_ROUNDS_BEFORE_LOST}"
+            )));
+        }
         Ok(Self {
             listen_announcements: raw.listen_announcements.unwrap_or(true),
+            missed_rounds_before_lost,
             raw,
             discovery_timeout,
             probe_interval,

@@ -551,7 +551,7 @@ fn ipv4_multicast_identity_streams_ip_change_and_removal() {
     assert_eq!(p["ONVIF_STREAM_URI"], "rtsp://10.254.70.11:8554/video_main");
     assert_eq!(p["ONVIF_DEVICE_MAC_ADDRESS"], mac);
 
-    // Killed without a Bye: gone after the next probe round.
+    // Killed without a Bye: gone once it missed two probe rounds (missedRoundsBeforeLost).
     let killed = Instant::now();
     cam.kill();
     h.wait_for("the camera gone", |u| u.devices.is_empty());
