@@ -69,6 +69,9 @@ pub enum WriterMsg {
     Desired(InstanceKey, DesiredInstance),
     /// Answer once everything desired so far for this Instance is written.
     Flush(InstanceKey, oneshot::Sender<Result<(), WriteError>>),
+    /// The Instance was deleted by someone else: what was last written is no
+    /// longer there, so the next write must not be skipped as unchanged.
+    Forget(InstanceKey),
 }
 
 /// Why a write failed.
@@ -259,6 +262,9 @@ pub async fn run_writer(
                     p.desired = desired;
                     p.version = version;
                     p.not_before = p.not_before.min(Instant::now());
+                }
+                Some(WriterMsg::Forget(key)) => {
+                    applied.remove(&key);
                 }
                 Some(WriterMsg::Flush(key, tx)) => match pending.get_mut(&key) {
                     Some(p) => p.waiters.push(tx),

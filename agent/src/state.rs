@@ -487,6 +487,12 @@ impl AgentState {
             .and_then(|e| e.devices.get_mut(name))
         {
             d.observed = None;
+            // Someone else deleted it (kubectl, the controller's Akri clean-up): the
+            // writer's memory of the last write is stale.
+            let _ = self.effects.writes.send(WriterMsg::Forget(InstanceKey {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            }));
             if d.present() {
                 // Still here: recreate it.
                 d.written = false;

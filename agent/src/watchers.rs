@@ -1,7 +1,7 @@
 //! Watches Configurations (starting, restarting and stopping discovery) and
 //! Instances (other nodes' slot usage, adoption on start).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -303,21 +303,53 @@ pub async fn watch_instances(
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
+    // A re-list after a watch error (e.g. "too old resource version") reports
+    // what exists, not what was deleted meanwhile: Instances known before and
+    // missing from the re-list were deleted in the gap.
+    let mut known: BTreeSet<(String, String, String)> = BTreeSet::new();
+    let mut relisted: BTreeSet<(String, String, String)> = BTreeSet::new();
+    let id = |i: &Instance| {
+        (
+            i.namespace().unwrap_or_default(),
+            i.name_any(),
+            i.spec.configuration_name.clone(),
+        )
+    };
     while let Some(ev) = stream.next().await {
+        let mut vanished = Vec::new();
         let (apply, delete) = match ev {
-            Ok(Event::Apply(i)) | Ok(Event::InitApply(i)) => (Some(i), None),
-            Ok(Event::Delete(i)) => (None, Some(i)),
+            Ok(Event::Apply(i)) => {
+                known.insert(id(&i));
+                (Some(i), None)
+            }
+            Ok(Event::InitApply(i)) => {
+                relisted.insert(id(&i));
+                (Some(i), None)
+            }
+            Ok(Event::Delete(i)) => {
+                known.remove(&id(&i));
+                (None, Some(i))
+            }
             Ok(Event::InitDone) => {
+                vanished = known.difference(&relisted).cloned().collect();
+                known = std::mem::take(&mut relisted);
                 listed.send_replace(true);
                 (None, None)
             }
-            Ok(Event::Init) => (None, None),
+            Ok(Event::Init) => {
+                relisted.clear();
+                (None, None)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Instance watch error; retrying");
                 (None, None)
             }
         };
         let Ok(mut s) = state.lock() else { return };
+        for (ns, name, config) in &vanished {
+            tracing::info!(instance = %name, namespace = %ns, "Instance deleted while the watch was re-listing");
+            s.observe_instance_deleted(ns, name, config);
+        }
         if let Some(i) = apply {
             let ns = i.namespace().unwrap_or_default();
             s.observe_instance(

@@ -184,23 +184,19 @@ async fn akri_cluster_migrates_to_verge() -> Result<()> {
     result
 }
 
-async fn body(c: &Cluster, ns: &str) -> Result<()> {
-    let t = Instant::now();
-    ensure_crds(c).await?;
-    install_akri_crd(c, "configuration-crd.yaml").await?;
-    install_akri_crd(c, "instance-crd.yaml").await?;
-    wait_until(
-        "Akri's CRDs served (no status subresource)",
-        ACT,
-        || async {
-            let gone = !serves_status(c, "instances").await?
-                && !serves_status(c, "configurations").await?;
-            Ok(gone.then_some(()))
-        },
-    )
-    .await?;
-    report_time("migration: Akri-shaped CRDs installed", t);
+/// What `akri_objects` created.
+struct AkriObjects {
+    cfg: String,
+    cfg_uid: String,
+    /// The Akri Instance whose device the Verge agent finds again (same name).
+    found_again: String,
+    akri_uids: Vec<String>,
+    availability: std::path::PathBuf,
+}
 
+/// The user's Configuration as an Akri user applied it, and Akri's Instances with `<node>`
+/// finalizers (one being deleted, hanging on its finalizer).
+async fn akri_objects(c: &Cluster, ns: &str) -> Result<AkriObjects> {
     // The user's Configuration, as an Akri user applied it (client-side apply).
     let suffix: String = ns.chars().rev().take(6).collect();
     let cfg = format!("akrimig{suffix}");
@@ -270,6 +266,41 @@ async fn body(c: &Cluster, ns: &str) -> Result<()> {
             .is_some(),
         "the Instance being deleted should hang on its <node> finalizer"
     );
+
+    Ok(AkriObjects {
+        cfg,
+        cfg_uid,
+        found_again,
+        akri_uids,
+        availability,
+    })
+}
+
+async fn body(c: &Cluster, ns: &str) -> Result<()> {
+    let t = Instant::now();
+    ensure_crds(c).await?;
+    install_akri_crd(c, "configuration-crd.yaml").await?;
+    install_akri_crd(c, "instance-crd.yaml").await?;
+    wait_until(
+        "Akri's CRDs served (no status subresource)",
+        ACT,
+        || async {
+            let gone = !serves_status(c, "instances").await?
+                && !serves_status(c, "configurations").await?;
+            Ok(gone.then_some(()))
+        },
+    )
+    .await?;
+    report_time("migration: Akri-shaped CRDs installed", t);
+
+    let AkriObjects {
+        cfg,
+        cfg_uid,
+        found_again,
+        akri_uids,
+        availability,
+    } = akri_objects(c, ns).await?;
+    let api = instances(c, ns);
     report_time(
         "migration: Akri Configuration and 3 Instances with <node> finalizers",
         t,
@@ -448,6 +479,221 @@ async fn body(c: &Cluster, ns: &str) -> Result<()> {
         !again.log_text().contains("upgraded CRD"),
         "the second controller upgraded again:\n{}",
         again.log_tail()
+    );
+    Ok(())
+}
+
+/// Helm release of the chart-path migration test.
+const HELM_RELEASE: &str = "verge-e2e-migrate";
+
+/// Uninstalls the release when dropped (also on failure).
+struct HelmRelease(String);
+
+impl Drop for HelmRelease {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(verge_e2e::helm_path())
+            .env("KUBECONFIG", kubeconfig_path())
+            .args([
+                "uninstall",
+                HELM_RELEASE,
+                "-n",
+                &self.0,
+                "--wait",
+                "--timeout",
+                "60s",
+            ])
+            .output();
+    }
+}
+
+/// The path a user takes (issue 6, item 5): a cluster holding Akri's CRDs, a Configuration
+/// and Akri Instances with `<node>` finalizers; `helm upgrade --install` of the Verge chart
+/// with the local images. Helm skips `crds/` because the CRDs exist, so the chart's
+/// controller — with the chart's own RBAC, not an admin kubeconfig — upgrades them, removes
+/// Akri's Instances, and the chart's agents serve the user's Configuration, which keeps its UID.
+#[tokio::test]
+async fn akri_cluster_migrates_through_helm_upgrade_install() -> Result<()> {
+    let Some(c) = Cluster::connect().await else {
+        return Ok(());
+    };
+    if !verge_e2e::helm_path().exists() {
+        ensure!(!verge_e2e::required(), "helm is missing");
+        return Ok(());
+    }
+    let _serial = verge_e2e::serial().await;
+    let ns_guard = c.namespace("migrate-helm").await?;
+    let ns = ns_guard.name().to_string();
+    let _restore = RestoreCrds;
+    let _unstick = UnstickInstances(ns.clone());
+
+    let t = Instant::now();
+    ensure_crds(&c).await?;
+    install_akri_crd(&c, "configuration-crd.yaml").await?;
+    install_akri_crd(&c, "instance-crd.yaml").await?;
+    wait_until("Akri's CRDs served", ACT, || async {
+        let gone =
+            !serves_status(&c, "instances").await? && !serves_status(&c, "configurations").await?;
+        Ok(gone.then_some(()))
+    })
+    .await?;
+    let AkriObjects {
+        cfg,
+        cfg_uid,
+        found_again,
+        akri_uids,
+        availability: _,
+    } = akri_objects(&c, &ns).await?;
+    report_time("migration (helm): Akri CRDs, Configuration, Instances", t);
+
+    let t = Instant::now();
+    let release = HelmRelease(ns.clone());
+    let chart = repo_root().join("helm/verge").display().to_string();
+    let mut args: Vec<String> = [
+        "upgrade",
+        "--install",
+        HELM_RELEASE,
+        &chart,
+        "-n",
+        &ns,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for set in [
+        "agent.image.repository=localhost/verge/agent".to_string(),
+        "agent.image.tag=dev".into(),
+        "agent.image.pullPolicy=Never".into(),
+        "controller.image.repository=localhost/verge/controller".into(),
+        "controller.image.tag=dev".into(),
+        "controller.image.pullPolicy=Never".into(),
+        format!("agent.watchNamespace={ns}"),
+        format!("controller.watchNamespace={ns}"),
+        format!(
+            "admissionPolicy.namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name={ns}"
+        ),
+    ] {
+        args.push("--set".into());
+        args.push(set);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    verge_e2e::run_ok(&verge_e2e::helm_path(), &args, None)
+        .await
+        .context("helm upgrade --install over Akri's objects")?;
+    report_time("migration (helm): helm upgrade --install done", t);
+
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client());
+    wait_until("CRDs upgraded by the chart's controller", ACT, || async {
+        let i = crds.get("instances.akri.sh").await?;
+        let cf = crds.get("configurations.akri.sh").await?;
+        Ok((has_status_subresource(&i) && has_status_subresource(&cf)).then_some(()))
+    })
+    .await?;
+    report_time("migration (helm): CRDs upgraded", t);
+    let api = instances(&c, &ns);
+    wait_until("Akri's Instances removed", ACT, || async {
+        let left = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|i| {
+                i.metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|u| akri_uids.contains(u))
+            })
+            .count();
+        Ok((left == 0).then_some(()))
+    })
+    .await?;
+    report_time("migration (helm): Akri Instances gone", t);
+    let instance = wait_until("the chart's agents serve the device", ACT, || async {
+        let Some(i) = api.get_opt(&found_again).await? else {
+            return Ok(None);
+        };
+        let served = i.data["spec"]["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n == NODE))
+            && i.metadata.deletion_timestamp.is_none();
+        Ok(served.then_some(i))
+    })
+    .await;
+    let instance = match instance {
+        Ok(i) => i,
+        Err(e) => {
+            let logs = c
+                .kubectl(&[
+                    "logs",
+                    "-n",
+                    &ns,
+                    "-l",
+                    "app.kubernetes.io/component=agent",
+                    "--tail",
+                    "60",
+                ])
+                .await
+                .unwrap_or_default();
+            let list = c
+                .kubectl(&["get", "instances.akri.sh,pods", "-n", &ns, "-o", "wide"])
+                .await
+                .unwrap_or_default();
+            return Err(e.context(format!("agents' logs:\n{logs}\n{list}")));
+        }
+    };
+    report_time("migration (helm): Verge Instance for the Akri device", t);
+    ensure!(
+        !akri_uids.contains(instance.metadata.uid.as_ref().context("no uid")?),
+        "the Akri Instance survived"
+    );
+    ensure!(
+        instance.data["spec"]["brokerProperties"]["FROM_AKRI"] == "yes",
+        "properties: {}",
+        instance.data["spec"]["brokerProperties"]
+    );
+    let status = wait_until("the Configuration Ready in Verge's status", ACT, || async {
+        let obj = configurations(&c, &ns).get(&cfg).await?;
+        let ready = obj.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+        Ok(ready.then_some(obj))
+    })
+    .await?;
+    ensure!(
+        status.metadata.uid.as_deref() == Some(cfg_uid.as_str()),
+        "the user's Configuration was recreated"
+    );
+    report_time("migration (helm): the Akri Configuration is Ready", t);
+
+    let t = Instant::now();
+    drop(release);
+    report_time("migration (helm): helm uninstall", t);
+    ensure!(
+        t.elapsed() < Duration::from_secs(60),
+        "helm uninstall took {:?}",
+        t.elapsed()
+    );
+    let stuck: Vec<String> = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|i| {
+            i.metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| !f.is_empty())
+        })
+        .filter_map(|i| i.metadata.name)
+        .collect();
+    ensure!(
+        stuck.is_empty(),
+        "Instances with finalizers after uninstall: {stuck:?}"
     );
     Ok(())
 }

@@ -45,6 +45,18 @@ struct LanCamera {
 
 impl LanCamera {
     async fn start(python: &Path, ns: &str, ip4: &str, ip6: &str, uuid: &str) -> Result<Self> {
+        Self::start_with(python, ns, ip4, ip6, uuid, &[]).await
+    }
+
+    /// Like [`LanCamera::start`], with more ipycam runner arguments (e.g. credentials).
+    async fn start_with(
+        python: &Path,
+        ns: &str,
+        ip4: &str,
+        ip6: &str,
+        uuid: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cam = LanCamera {
             child: None,
             _lan: LanHost::create(ns, &[ip4, ip6]).await?,
@@ -63,6 +75,7 @@ impl LanCamera {
                 "--name",
                 ns,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true)
@@ -200,5 +213,145 @@ async fn onvif_cameras_become_instances_with_streaming_brokers() -> Result<()> {
     c.assert_no_multicast_leak().await?;
     drop(agents);
     drop(cams);
+    Ok(())
+}
+
+const AUTH_CAMERA: (&str, &str, &str, &str) = (
+    "vg-onvif-auth",
+    "10.204.0.72",
+    "fd00:204::72",
+    "0a1b2c3d-0000-4000-8000-0000000e2e03",
+);
+const CAMERA_PASSWORD: &str = "s3cret-cam-pw";
+
+fn credentials_secret(password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: camera-creds\nstringData:\n  password: \"{password}\"\n"
+    )
+}
+
+/// Issue 7: credentials come from discoveryProperties, so from a Secret, through the agent. A
+/// camera with auth and a wrong password in the Secret gives a status condition naming the
+/// camera and no Instance; the right password (the Secret rotated) describes it. The password
+/// is never in the Instance, the Configuration's status, Events or the agent's log.
+#[tokio::test]
+async fn a_camera_with_auth_is_described_with_the_password_from_a_secret() -> Result<()> {
+    let Some(t) = ProtocolTest::start("onvif").await? else {
+        return Ok(());
+    };
+    let (c, ns) = (&t.cluster, t.namespace.name().to_string());
+    let (name, ip4, ip6, uuid) = AUTH_CAMERA;
+    let _cam = LanCamera::start_with(
+        &t.python,
+        name,
+        ip4,
+        ip6,
+        uuid,
+        &["--username", "admin", "--password", CAMERA_PASSWORD],
+    )
+    .await?;
+    let node = "verge-node-1";
+    // Secrets are re-read every second here (default 60 s), so the rotation below shows quickly.
+    let agent =
+        verge_e2e::agent::Agent::start(node, &ns, &["--property-refresh-interval", "1s"]).await?;
+    c.apply_yaml(Some(&ns), &credentials_secret("wrong-pw"))
+        .await?;
+    let details = format!(
+        "interfaces: [verge-lan]\nunicastTargets: [{ip4}]\nuuids: {{action: Include, items: [{uuid}]}}\nprobeIntervalSeconds: 2\n"
+    );
+    let mut cfg = ProtocolConfiguration::new("onvif-auth", "onvif", &details).to_json();
+    cfg["spec"]["discoveryHandler"]["discoveryProperties"] = serde_json::json!([
+        {"name": "username_default", "value": "admin"},
+        {"name": "password_default",
+         "valueFrom": {"secretKeyRef": {"name": "camera-creds", "key": "password"}}},
+    ]);
+    let started = Instant::now();
+    c.apply_yaml(Some(&ns), &cfg.to_string()).await?;
+
+    let configs: Api<verge_crds::Configuration> = Api::namespaced(c.client(), &ns);
+    let message = wait_until("a condition naming the camera", DEADLINE, || async {
+        let cfg = configs.get("onvif-auth").await?;
+        Ok(cfg
+            .status
+            .and_then(|s| s.nodes.into_iter().find(|n| n.node == node))
+            .and_then(|n| {
+                n.conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "HandlerDiagnostics")
+            })
+            .map(|c| c.message)
+            .filter(|m| m.contains(uuid)))
+    })
+    .await
+    .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
+    report_time(
+        "wrong password in the Secret → condition naming the camera",
+        started,
+    );
+    ensure!(
+        message.contains("rejected"),
+        "condition message {message:?}"
+    );
+    let api: Api<Instance> = Api::namespaced(c.client(), &ns);
+    ensure!(
+        api.list(&ListParams::default()).await?.items.is_empty(),
+        "a camera that rejected the credentials was described"
+    );
+
+    let t0 = Instant::now();
+    c.apply_yaml(Some(&ns), &credentials_secret(CAMERA_PASSWORD))
+        .await?;
+    let instance = wait_until(
+        "the camera described with the right password",
+        DEADLINE,
+        || async {
+            let list = api.list(&ListParams::default()).await?.items;
+            Ok(list.into_iter().find(|i| {
+                i.spec
+                    .broker_properties
+                    .get("ONVIF_DEVICE_UUID")
+                    .is_some_and(|u| u.contains(uuid))
+            }))
+        },
+    )
+    .await
+    .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
+    report_time("Secret rotated to the right password → Instance", t0);
+    let p = &instance.spec.broker_properties;
+    let get = |k: &str| p.get(k).cloned().unwrap_or_default();
+    ensure!(get("ONVIF_MANUFACTURER") == "PythonCam", "{p:?}");
+    ensure!(
+        get("ONVIF_STREAM_URI").starts_with(&format!("rtsp://{ip4}")),
+        "{p:?}"
+    );
+    wait_until("the condition cleared", DEADLINE, || async {
+        let cfg = configs.get("onvif-auth").await?;
+        let cleared = cfg
+            .status
+            .and_then(|s| s.nodes.into_iter().find(|n| n.node == node))
+            .is_some_and(|n| {
+                !n.conditions
+                    .iter()
+                    .any(|c| c.type_ == "HandlerDiagnostics" && c.message.contains(uuid))
+            });
+        Ok(cleared.then_some(()))
+    })
+    .await?;
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(c.client(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    let status = configs.get("onvif-auth").await?.status;
+    for (what, text) in [
+        ("the Instance", serde_json::to_string(&instance)?),
+        ("the Configuration status", serde_json::to_string(&status)?),
+        ("Events", serde_json::to_string(&events.items)?),
+        ("the agent log", agent.log_text()),
+    ] {
+        ensure!(
+            !text.contains(CAMERA_PASSWORD) && !text.contains("wrong-pw"),
+            "a password is in {what}"
+        );
+    }
+    drop(agent);
     Ok(())
 }
