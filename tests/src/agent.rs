@@ -164,16 +164,27 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The agent's Prometheus text (from the host; node-2 agents listen in
-    /// node 2's network namespace and are not reachable this way).
-    pub async fn metrics(&self) -> Result<String> {
+    /// GET `path` on the agent's HTTP port (/metrics, /healthz, /readyz) from the host:
+    /// (status code, whole response). Node-2 agents listen in node 2's network namespace and
+    /// are not reachable this way.
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await?;
         let mut out = String::new();
         s.read_to_string(&mut out).await?;
-        Ok(out)
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status line")?;
+        Ok((code, out))
+    }
+
+    /// The agent's Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.http_get("/metrics").await?.1)
     }
 
     /// Waits until the agent serves /metrics (it is up).

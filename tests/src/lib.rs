@@ -99,6 +99,21 @@ pub fn kubectl_path() -> PathBuf {
     tool("kubectl")
 }
 
+/// `--set` values that make the chart use the images `cluster images` imports
+/// (`localhost/verge/{agent,controller}:dev`, never pulled).
+pub fn local_image_sets() -> Vec<String> {
+    ["agent", "controller"]
+        .iter()
+        .flat_map(|c| {
+            [
+                format!("{c}.image.repository=localhost/verge/{c}"),
+                format!("{c}.image.tag=dev"),
+                format!("{c}.image.pullPolicy=Never"),
+            ]
+        })
+        .collect()
+}
+
 /// `helm` from the harness cache, or from `PATH`.
 pub fn helm_path() -> PathBuf {
     tool("helm")

@@ -318,22 +318,6 @@ async fn discovery_properties_resolve_refuse_and_restart_discovery() -> Result<(
     Ok(())
 }
 
-/// GET `path` on the agent's metrics port: (status code, body).
-async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status line")?;
-    Ok((code, out))
-}
-
 #[tokio::test]
 async fn readiness_and_metrics_are_live() -> Result<()> {
     let Some(c) = Cluster::connect().await else {
@@ -347,7 +331,8 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
     let t = Instant::now();
     let agent = Agent::start(NODE, &ns_name, &[]).await?;
     wait_until("/readyz 200", DEADLINE, || async {
-        Ok(http_get(agent.metrics_port, "/readyz")
+        Ok(agent
+            .http_get("/readyz")
             .await
             .ok()
             .filter(|(code, _)| *code == 200)
@@ -360,7 +345,7 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
         agent.handlers_dir.join("agent-registration.sock").exists(),
         "ready before the registration socket exists"
     );
-    let (code, _) = http_get(agent.metrics_port, "/healthz").await?;
+    let (code, _) = agent.http_get("/healthz").await?;
     ensure!(code == 200, "/healthz {code}");
 
     c.apply_yaml(
@@ -386,7 +371,7 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
     };
     let t = Instant::now();
     let body = wait_until("metrics for two Instances", DEADLINE, || async {
-        let (_, body) = http_get(agent.metrics_port, "/metrics").await?;
+        let (_, body) = agent.http_get("/metrics").await?;
         let done = body.contains(&label)
             && value(&body, "verge_agent_discovery_to_instance_seconds_count")
                 .is_some_and(|n| n >= 2.0)
@@ -422,7 +407,7 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
     let allocated =
         "verge_agent_allocations_total{resource_kind=\"configuration\",result=\"ok\"} 1";
     wait_until("an allocation counted", DEADLINE, || async {
-        let (_, body) = http_get(agent.metrics_port, "/metrics").await?;
+        let (_, body) = agent.http_get("/metrics").await?;
         Ok(body.contains(allocated).then_some(()))
     })
     .await?;
@@ -431,7 +416,7 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
         .delete("user", &DeleteParams::default())
         .await?;
     wait_until("a slot reclaim counted", DEADLINE, || async {
-        let (_, body) = http_get(agent.metrics_port, "/metrics").await?;
+        let (_, body) = agent.http_get("/metrics").await?;
         Ok(value(&body, "verge_agent_slot_reclaims_total")
             .is_some_and(|n| n >= 1.0)
             .then_some(()))
@@ -443,7 +428,7 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
     // An external handler's registration is counted per handler name (on top of the embedded
     // debugEcho's own).
     let registrations = "verge_agent_handler_registrations_total{handler=\"debugEcho\"}";
-    let (_, body) = http_get(agent.metrics_port, "/metrics").await?;
+    let (_, body) = agent.http_get("/metrics").await?;
     let before = value(&body, registrations).unwrap_or(0.0);
     let bin = verge_e2e::agent::agent_binary().with_file_name("verge-debug-echo-discovery");
     let mut handler = tokio::process::Command::new(&bin)
@@ -455,7 +440,7 @@ async fn readiness_and_metrics_are_live() -> Result<()> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     wait_until("a handler registration counted", DEADLINE, || async {
-        let (_, body) = http_get(agent.metrics_port, "/metrics").await?;
+        let (_, body) = agent.http_get("/metrics").await?;
         Ok((value(&body, registrations).unwrap_or(0.0) > before).then_some(()))
     })
     .await?;

@@ -836,13 +836,8 @@ impl Drop for Release {
 fn install_args(ns: &str, config: &str, descriptions: &[&str]) -> Vec<String> {
     let (repo, tag) = BROKER_IMAGE.rsplit_once(':').unwrap();
     let b = "debugEcho.configuration";
-    let mut sets = vec![
-        "agent.image.repository=localhost/verge/agent".to_string(),
-        "agent.image.tag=dev".into(),
-        "agent.image.pullPolicy=Never".into(),
-        "controller.image.repository=localhost/verge/controller".into(),
-        "controller.image.tag=dev".into(),
-        "controller.image.pullPolicy=Never".into(),
+    let mut sets = verge_e2e::local_image_sets();
+    sets.extend([
         format!("agent.watchNamespace={ns}"),
         format!("controller.watchNamespace={ns}"),
         format!("{b}.enabled=true"),
@@ -858,7 +853,7 @@ fn install_args(ns: &str, config: &str, descriptions: &[&str]) -> Vec<String> {
             "{b}.discoveryDetails.descriptions={{{}}}",
             descriptions.join(",")
         ),
-    ];
+    ]);
     sets.push(format!(
         "admissionPolicy.namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name={ns}"
     ));

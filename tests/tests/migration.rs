@@ -106,6 +106,23 @@ async fn install_akri_crd(c: &Cluster, file: &str) -> Result<()> {
     Ok(())
 }
 
+/// Both CRDs as Akri's chart leaves them, once the API server serves them so (no status).
+async fn install_akri_crds(c: &Cluster) -> Result<()> {
+    ensure_crds(c).await?;
+    install_akri_crd(c, "configuration-crd.yaml").await?;
+    install_akri_crd(c, "instance-crd.yaml").await?;
+    wait_until(
+        "Akri's CRDs served (no status subresource)",
+        ACT,
+        || async {
+            let gone = !serves_status(c, "instances").await?
+                && !serves_status(c, "configurations").await?;
+            Ok(gone.then_some(()))
+        },
+    )
+    .await
+}
+
 /// Whether `/apis/akri.sh/v0` lists `<plural>/status`.
 async fn serves_status(c: &Cluster, plural: &str) -> Result<bool> {
     let raw = c.kubectl(&["get", "--raw", "/apis/akri.sh/v0"]).await?;
@@ -278,19 +295,7 @@ async fn akri_objects(c: &Cluster, ns: &str) -> Result<AkriObjects> {
 
 async fn body(c: &Cluster, ns: &str) -> Result<()> {
     let t = Instant::now();
-    ensure_crds(c).await?;
-    install_akri_crd(c, "configuration-crd.yaml").await?;
-    install_akri_crd(c, "instance-crd.yaml").await?;
-    wait_until(
-        "Akri's CRDs served (no status subresource)",
-        ACT,
-        || async {
-            let gone = !serves_status(c, "instances").await?
-                && !serves_status(c, "configurations").await?;
-            Ok(gone.then_some(()))
-        },
-    )
-    .await?;
+    install_akri_crds(c).await?;
     report_time("migration: Akri-shaped CRDs installed", t);
 
     let AkriObjects {
@@ -527,15 +532,7 @@ async fn akri_cluster_migrates_through_helm_upgrade_install() -> Result<()> {
     let _unstick = UnstickInstances(ns.clone());
 
     let t = Instant::now();
-    ensure_crds(&c).await?;
-    install_akri_crd(&c, "configuration-crd.yaml").await?;
-    install_akri_crd(&c, "instance-crd.yaml").await?;
-    wait_until("Akri's CRDs served", ACT, || async {
-        let gone =
-            !serves_status(&c, "instances").await? && !serves_status(&c, "configurations").await?;
-        Ok(gone.then_some(()))
-    })
-    .await?;
+    install_akri_crds(&c).await?;
     let AkriObjects {
         cfg,
         cfg_uid,
@@ -562,19 +559,15 @@ async fn akri_cluster_migrates_through_helm_upgrade_install() -> Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for set in [
-        "agent.image.repository=localhost/verge/agent".to_string(),
-        "agent.image.tag=dev".into(),
-        "agent.image.pullPolicy=Never".into(),
-        "controller.image.repository=localhost/verge/controller".into(),
-        "controller.image.tag=dev".into(),
-        "controller.image.pullPolicy=Never".into(),
+    let mut sets = verge_e2e::local_image_sets();
+    sets.extend([
         format!("agent.watchNamespace={ns}"),
         format!("controller.watchNamespace={ns}"),
         format!(
             "admissionPolicy.namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name={ns}"
         ),
-    ] {
+    ]);
+    for set in sets {
         args.push("--set".into());
         args.push(set);
     }
