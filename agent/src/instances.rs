@@ -185,8 +185,10 @@ pub struct WriterConfig {
     pub concurrency: usize,
 }
 
+/// A finished write: its key, the desired version it wrote, when it started, and (on success)
+/// whether the device manager owns the device fields now.
 type WriteFuture =
-    Pin<Box<dyn Future<Output = (InstanceKey, u64, Instant, Result<(), WriteError>)> + Send>>;
+    Pin<Box<dyn Future<Output = (InstanceKey, u64, Instant, Result<bool, WriteError>)> + Send>>;
 
 /// Runs the writer until the message channel closes.
 pub async fn run_writer(
@@ -198,7 +200,7 @@ pub async fn run_writer(
 ) {
     let mut pending: HashMap<InstanceKey, Pending> = HashMap::new();
     // Last bodies that succeeded, to skip identical writes.
-    let mut applied: HashMap<InstanceKey, (Option<Value>, Value)> = HashMap::new();
+    let mut applied: HashMap<InstanceKey, Written> = HashMap::new();
     let mut in_flight: FuturesUnordered<WriteFuture> = FuturesUnordered::new();
     let mut version = 0u64;
     loop {
@@ -275,15 +277,15 @@ pub async fn run_writer(
                 let Some(p) = pending.get_mut(&key) else { continue };
                 p.in_flight = false;
                 match result {
-                    Ok(()) => {
+                    Ok(device_manager_owns) => {
                         if let DesiredInstance::Present { discovered_at: Some(t), .. } = &p.desired
                             && p.version == written_version
                         {
                             metrics.discovery_to_instance.observe(t.elapsed().as_secs_f64());
                         }
-                        if let Some(bodies) = bodies_for(&key, &config.node, &p.desired)
+                        if let Some(written) = written_for(&key, &config.node, &p.desired, device_manager_owns)
                             && p.version == written_version {
-                            applied.insert(key.clone(), bodies);
+                            applied.insert(key.clone(), written);
                         }
                         if matches!(p.desired, DesiredInstance::Leave) {
                             applied.remove(&key);
@@ -323,13 +325,28 @@ pub async fn run_writer(
     }
 }
 
-fn bodies_for(
+/// What the last successful write of an Instance left on the server.
+#[derive(Clone, Debug, PartialEq)]
+struct Written {
+    device: Option<Value>,
+    usage: Value,
+    /// The device fields are also owned by [`device_manager`]. Until they are, only the
+    /// unforced creating apply owns them, so the next apply without them must first hand
+    /// them over (see [`apply_present`]).
+    device_manager_owns: bool,
+}
+
+fn written_for(
     key: &InstanceKey,
     node: &str,
     d: &DesiredInstance,
-) -> Option<(Option<Value>, Value)> {
-    matches!(d, DesiredInstance::Present { .. })
-        .then(|| (device_body(key, d), usage_body(key, node, d)))
+    device_manager_owns: bool,
+) -> Option<Written> {
+    matches!(d, DesiredInstance::Present { .. }).then(|| Written {
+        device: device_body(key, d),
+        usage: usage_body(key, node, d),
+        device_manager_owns,
+    })
 }
 
 /// `initial · 2^(attempts-1)`, capped.
@@ -346,16 +363,16 @@ async fn write_one(
     key: InstanceKey,
     desired: DesiredInstance,
     version: u64,
-    previous: Option<(Option<Value>, Value)>,
+    previous: Option<Written>,
     metrics: Arc<Metrics>,
-) -> (InstanceKey, u64, Instant, Result<(), WriteError>) {
+) -> (InstanceKey, u64, Instant, Result<bool, WriteError>) {
     let started = Instant::now();
     let api: Api<Instance> = Api::namespaced(client, &key.namespace);
     let result = match &desired {
         DesiredInstance::Present { .. } => {
             apply_present(&api, &node, &key, &desired, previous.as_ref(), &metrics).await
         }
-        DesiredInstance::Leave => leave(&api, &node, &key, &metrics).await,
+        DesiredInstance::Leave => leave(&api, &node, &key, &metrics).await.map(|()| false),
     };
     (key, version, started, result)
 }
@@ -365,59 +382,62 @@ fn api_error(metrics: &Metrics, operation: &str, e: &kube::Error) -> WriteError 
     WriteError::Api(e.to_string())
 }
 
+/// Applies a present device. Returns whether [`device_manager`] owns the device fields after it.
+///
+/// The first write applies the whole object under this node's unforced [`usage_manager`], so
+/// the Instance never appears without its node, and costs one request. The forced device-manager
+/// apply that lets later usage applies leave the device fields out is deferred to the first
+/// write that changes anything: a device that nobody allocates and whose Configuration never
+/// changes is written once.
 async fn apply_present(
     api: &Api<Instance>,
     node: &str,
     key: &InstanceKey,
     desired: &DesiredInstance,
-    previous: Option<&(Option<Value>, Value)>,
+    previous: Option<&Written>,
     metrics: &Metrics,
-) -> Result<(), WriteError> {
-    let device = device_body(key, desired);
+) -> Result<bool, WriteError> {
+    let Some(device) = device_body(key, desired) else {
+        return Ok(previous.is_some_and(|p| p.device_manager_owns));
+    };
     let usage = usage_body(key, node, desired);
-    if previous.is_none()
-        && let Some(device) = &device
-    {
-        // First write from this agent: apply the whole object under this
-        // node's unforced manager, so the Instance never appears without its
-        // node; the forced apply below then shares the copied fields. A 409
-        // (another node wrote different values first) falls back to the
-        // usual order.
-        let mut whole = device.clone();
-        if let (Some(spec), Some(extra)) = (
-            whole.get_mut("spec").and_then(Value::as_object_mut),
-            usage.get("spec").and_then(Value::as_object),
-        ) {
-            spec.extend(extra.clone());
-        }
-        match api
-            .patch(
-                &key.name,
-                &PatchParams::apply(&usage_manager(node)),
-                &Patch::Apply(&whole),
-            )
-            .await
-        {
-            Ok(_) => {
-                let params = PatchParams::apply(&device_manager(node)).force();
-                api.patch(&key.name, &params, &Patch::Apply(device))
-                    .await
-                    .map_err(|e| api_error(metrics, "apply_instance", &e))?;
-                return Ok(());
+    match previous {
+        None => {
+            let mut whole = device.clone();
+            if let (Some(spec), Some(extra)) = (
+                whole.get_mut("spec").and_then(Value::as_object_mut),
+                usage.get("spec").and_then(Value::as_object),
+            ) {
+                spec.extend(extra.clone());
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(api_error(metrics, "apply_instance", &e)),
+            match api
+                .patch(
+                    &key.name,
+                    &PatchParams::apply(&usage_manager(node)),
+                    &Patch::Apply(&whole),
+                )
+                .await
+            {
+                Ok(_) => return Ok(false),
+                // Another node (or this one before a restart) wrote different device values:
+                // force ours under the device manager, then apply the usage alone.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(api_error(metrics, "apply_instance", &e)),
+            }
         }
+        Some(p) if p.device.as_ref() == Some(&device) && p.usage == usage => {
+            return Ok(p.device_manager_owns);
+        }
+        Some(_) => {}
     }
-    if let Some(body) = &device
-        && previous.map(|p| p.0.as_ref()) != Some(Some(body))
-    {
+    let device_changed = previous.is_none_or(|p| p.device.as_ref() != Some(&device));
+    if device_changed || previous.is_some_and(|p| !p.device_manager_owns) {
         let params = PatchParams::apply(&device_manager(node)).force();
-        api.patch(&key.name, &params, &Patch::Apply(body))
+        api.patch(&key.name, &params, &Patch::Apply(&device))
             .await
             .map_err(|e| api_error(metrics, "apply_instance", &e))?;
     }
-    if previous.map(|p| &p.1) != Some(&usage) {
+    if previous.map(|p| &p.usage) != Some(&usage) {
         let params = PatchParams::apply(&usage_manager(node));
         match api.patch(&key.name, &params, &Patch::Apply(&usage)).await {
             Ok(_) => {}
@@ -427,8 +447,11 @@ async fn apply_present(
             Err(e) => return Err(api_error(metrics, "apply_instance", &e)),
         }
     }
-    Ok(())
+    Ok(true)
 }
+
+/// Attempts at removing this node when the Instance keeps changing under us.
+const LEAVE_ATTEMPTS: usize = 5;
 
 async fn leave(
     api: &Api<Instance>,
@@ -436,43 +459,58 @@ async fn leave(
     key: &InstanceKey,
     metrics: &Metrics,
 ) -> Result<(), WriteError> {
-    // An apply would create a missing Instance, so look first.
-    let Some(_) = api
-        .get_opt(&key.name)
-        .await
-        .map_err(|e| api_error(metrics, "get_instance", &e))?
-    else {
-        return Ok(());
-    };
-    let params = PatchParams::apply(&usage_manager(node));
-    let after = match api
-        .patch(
-            &key.name,
-            &params,
-            &Patch::Apply(usage_body(key, node, &DesiredInstance::Leave)),
-        )
-        .await
-    {
-        Ok(i) => i,
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-        Err(e) => return Err(api_error(metrics, "apply_instance", &e)),
-    };
-    if after.spec.nodes.is_empty() {
+    for _ in 0..LEAVE_ATTEMPTS {
+        // An apply would create a missing Instance, so look first.
+        let Some(current) = api
+            .get_opt(&key.name)
+            .await
+            .map_err(|e| api_error(metrics, "get_instance", &e))?
+        else {
+            return Ok(());
+        };
+        let others = current.spec.nodes.iter().any(|n| n != node);
+        let target = if others {
+            // Every other node listed owns the copied fields too (its first write applied
+            // them), so dropping this node's fields keeps them.
+            let params = PatchParams::apply(&usage_manager(node));
+            match api
+                .patch(
+                    &key.name,
+                    &params,
+                    &Patch::Apply(usage_body(key, node, &DesiredInstance::Leave)),
+                )
+                .await
+            {
+                Ok(after) if !after.spec.nodes.is_empty() => return Ok(()),
+                Ok(after) => after,
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+                Err(e) => return Err(api_error(metrics, "apply_instance", &e)),
+            }
+        } else {
+            // The last node: delete rather than release, because the release would also drop
+            // the copied fields this node alone may own (a required field gone is a 422).
+            current
+        };
         // Preconditions: a node that joined meanwhile keeps the Instance.
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
-                uid: after.uid(),
-                resource_version: after.resource_version(),
+                uid: target.uid(),
+                resource_version: target.resource_version(),
             }),
             ..DeleteParams::default()
         };
         match api.delete(&key.name, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            // Changed meanwhile (a status write, a node joining): look again.
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
             Err(e) => return Err(api_error(metrics, "delete_instance", &e)),
         }
     }
-    Ok(())
+    Err(WriteError::Api(format!(
+        "Instance {} changed during {LEAVE_ATTEMPTS} attempts to leave it",
+        key.name
+    )))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Node loss: a node that is gone, or not Ready, for longer than the configured delay leaves
 //! every Instance, and its brokers are deleted.
 //!
-//! The node is removed from an Instance by a server-side apply of an *empty* object under that
+//! An Instance whose only node is the lost one is deleted (with uid and resourceVersion
+//! preconditions). Otherwise the node is removed by a server-side apply of an *empty* object under that
 //! node's agent field manager (`verge-agent/<node>`, not forced). Server-side apply then drops
 //! exactly the fields that manager owned alone (its `spec.nodes` item and the `deviceUsage`
 //! slots it held), and the controller takes ownership of nothing. When the node returns, its
@@ -173,21 +174,29 @@ async fn remove_node(ctx: &Context, node: &str, instances: &[Instance]) -> Resul
         let name = instance.name_any();
         let api: Api<Instance> = Api::namespaced(ctx.client.clone(), &namespace);
         touched_namespaces.insert(namespace.clone());
-        // Not forced: releasing fields never conflicts, and a forced apply could take fields.
-        let updated = match api
-            .patch(
-                &name,
-                &PatchParams::apply(&manager),
-                &Patch::Apply(release_body(&name)),
-            )
-            .await
-        {
-            Ok(updated) => updated,
-            Err(e) if is_not_found(&e) => continue,
-            Err(e) => return Err(Error::Kube(e)),
+        // The lost node is the only one: delete the Instance as listed rather than release,
+        // because the release would also drop the copied fields that node's manager may own
+        // alone (an agent's first write applies them under it), which the API refuses (422).
+        let sole = instance.spec.nodes.iter().all(|n| n == node);
+        let updated = if sole {
+            instance.clone()
+        } else {
+            // Not forced: releasing fields never conflicts, and a forced apply could take fields.
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(&manager),
+                    &Patch::Apply(release_body(&name)),
+                )
+                .await
+            {
+                Ok(updated) => updated,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(Error::Kube(e)),
+            }
         };
         ctx.metrics.node_removals.inc();
-        if updated.spec.nodes.iter().any(|n| n == node) {
+        if !sole && updated.spec.nodes.iter().any(|n| n == node) {
             // Another manager also owns this item (e.g. an old unattributed patch): say so
             // rather than steal it.
             ctx.event(
@@ -213,9 +222,9 @@ async fn remove_node(ctx: &Context, node: &str, instances: &[Instance]) -> Resul
             ),
         )
         .await;
-        if updated.spec.nodes.is_empty() {
+        if sole || updated.spec.nodes.is_empty() {
             // The resourceVersion precondition keeps an agent that just re-added a node from
-            // losing its Instance.
+            // losing its Instance (a 409 here is retried at the next node check).
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
                     resource_version: updated.metadata.resource_version.clone(),

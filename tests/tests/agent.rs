@@ -84,6 +84,21 @@ async fn wait_instances(c: &Cluster, ns: &str, config: &str, n: usize) -> Result
     .await
 }
 
+/// Field managers of an Instance's main resource (not its status), sorted.
+fn spec_managers(i: &Instance) -> Vec<String> {
+    let mut m: Vec<String> = i
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| e.subresource.is_none())
+        .filter_map(|e| e.manager.clone())
+        .collect();
+    m.sort();
+    m.dedup();
+    m
+}
+
 async fn node_allocatable(c: &Cluster, resource: &str) -> Result<Option<String>> {
     let node = Api::<Node>::all(c.client()).get(NODE).await?;
     Ok(node
@@ -177,6 +192,15 @@ async fn instances_resources_slots_and_env() -> Result<()> {
             i.spec
                 .broker_properties
                 .contains_key("DEBUG_ECHO_DESCRIPTION")
+        );
+    }
+    // A new Instance is one write: the whole object under the node's unforced manager.
+    for i in &list {
+        let managers = spec_managers(i);
+        ensure!(
+            managers == [format!("verge-agent/{NODE}")],
+            "{}: a new Instance should have one spec manager, has {managers:?}",
+            i.name_any()
         );
     }
     let names: Vec<String> = list.iter().map(|i| i.name_any()).collect();
@@ -279,6 +303,27 @@ async fn instances_resources_slots_and_env() -> Result<()> {
         Ok((used == 0 && pods(&c, ns.name()).await?.is_empty()).then_some(()))
     })
     .await?;
+    // Claims and releases applied the usage alone: the device fields survived them because the
+    // first claim handed them to the device manager.
+    for i in instances(&c, ns.name(), config).await? {
+        let managers = spec_managers(&i);
+        ensure!(
+            managers.contains(&format!("verge-agent/{NODE}/device")),
+            "{}: no device manager after claims: {managers:?}",
+            i.name_any()
+        );
+        ensure!(i.spec.capacity == 2 && i.spec.configuration_name == config);
+        ensure!(
+            i.spec
+                .broker_properties
+                .contains_key("DEBUG_ECHO_DESCRIPTION")
+        );
+        ensure!(
+            i.owner_references()
+                .iter()
+                .any(|o| o.kind == "Configuration" && o.name == config)
+        );
+    }
     c.create_pod(ns.name(), pod_json("two", &config_resource, 2))
         .await?;
     c.wait_pod_ready(ns.name(), "two", DEADLINE).await?;
