@@ -267,6 +267,13 @@ pub async fn run_writer(
                 }
                 Some(WriterMsg::Forget(key)) => {
                     applied.remove(&key);
+                    // A write in flight may have landed on the object that is now gone: its
+                    // success must not be recorded as what the server holds, and it is redone.
+                    if let Some(p) = pending.get_mut(&key)
+                        && p.in_flight
+                    {
+                        p.version = { version += 1; version };
+                    }
                 }
                 Some(WriterMsg::Flush(key, tx)) => match pending.get_mut(&key) {
                     Some(p) => p.waiters.push(tx),
