@@ -272,7 +272,8 @@ pub async fn run_writer(
                     if let Some(p) = pending.get_mut(&key)
                         && p.in_flight
                     {
-                        p.version = { version += 1; version };
+                        version += 1;
+                        p.version = version;
                     }
                 }
                 Some(WriterMsg::Flush(key, tx)) => match pending.get_mut(&key) {

@@ -106,6 +106,26 @@ async fn install_akri_crd(c: &Cluster, file: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits until none of Akri's Instances (by uid) is left: the controller removed them.
+async fn wait_akri_instances_removed(api: &Api<DynamicObject>, akri_uids: &[String]) -> Result<()> {
+    wait_until("Akri's Instances removed", ACT, || async {
+        let left = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|i| {
+                i.metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|u| akri_uids.contains(u))
+            })
+            .count();
+        Ok((left == 0).then_some(()))
+    })
+    .await
+}
+
 /// Both CRDs as Akri's chart leaves them, once the API server serves them so (no status).
 async fn install_akri_crds(c: &Cluster) -> Result<()> {
     ensure_crds(c).await?;
@@ -361,23 +381,7 @@ async fn body(c: &Cluster, ns: &str) -> Result<()> {
     })
     .await?;
 
-    wait_until("Akri's Instances removed", ACT, || async {
-        let left: Vec<String> = api
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter(|i| {
-                i.metadata
-                    .uid
-                    .as_ref()
-                    .is_some_and(|u| akri_uids.contains(u))
-            })
-            .filter_map(|i| i.metadata.name)
-            .collect();
-        Ok(left.is_empty().then_some(()))
-    })
-    .await?;
+    wait_akri_instances_removed(&api, &akri_uids).await?;
     report_time("migration: Akri Instances (with <node> finalizers) gone", t);
     let same = configurations(c, ns).get(&cfg).await?;
     ensure!(
@@ -586,22 +590,7 @@ async fn akri_cluster_migrates_through_helm_upgrade_install() -> Result<()> {
     .await?;
     report_time("migration (helm): CRDs upgraded", t);
     let api = instances(&c, &ns);
-    wait_until("Akri's Instances removed", ACT, || async {
-        let left = api
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter(|i| {
-                i.metadata
-                    .uid
-                    .as_ref()
-                    .is_some_and(|u| akri_uids.contains(u))
-            })
-            .count();
-        Ok((left == 0).then_some(()))
-    })
-    .await?;
+    wait_akri_instances_removed(&api, &akri_uids).await?;
     report_time("migration (helm): Akri Instances gone", t);
     let instance = wait_until("the chart's agents serve the device", ACT, || async {
         let Some(i) = api.get_opt(&found_again).await? else {
