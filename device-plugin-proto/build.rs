@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // BTreeMap makes the encoding of map fields deterministic, so the same
         // device list always produces the same bytes (and the same diff).
         .btree_map(".")
+        // Small stream buffers: kubelet holds a stream open to every device-plugin server.
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,22 +1,33 @@
-//! kubelet device plugins: one gRPC server per resource, registered with
-//! kubelet, recreated and re-registered whenever kubelet restarts.
+//! kubelet device plugins: one socket per resource, registered with kubelet,
+//! recreated and re-registered whenever kubelet restarts.
 //!
-//! The manager only starts, stops and re-registers servers; what each server
-//! lists comes from the state through a `watch` channel, and what `Allocate`
-//! answers comes from the [`Allocator`].
+//! Every socket feeds its connections into one shared gRPC server; each
+//! connection carries the [`Plugin`] of the socket it arrived on, so one
+//! service answers for every resource. A server per resource cost ~7 KiB
+//! each (its router and serve task), which at 1,000 Instances is 7 MiB.
+//!
+//! The manager only opens, closes and re-registers sockets; what each
+//! resource lists comes from the state through a `watch` channel, and what
+//! `Allocate` answers comes from the [`Allocator`].
 
 use std::collections::HashMap;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use verge_device_plugin_proto::v1beta1::device_plugin_server::{DevicePlugin, DevicePluginServer};
 use verge_device_plugin_proto::v1beta1::registration_client::RegistrationClient;
@@ -35,6 +46,15 @@ use crate::state::{PluginCommand, split_slot_id};
 /// kubelet's registration socket, inside the device-plugin directory.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 
+/// Pause after a failed `accept` (e.g. out of file descriptors) before the
+/// next, so a persistent failure does not spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// How long a removed resource's socket stays open after its empty device
+/// list was published, so kubelet's open `ListAndWatch` stream delivers it
+/// and kubelet drops the resource at once rather than after its grace.
+const REMOVE_LINGER: Duration = Duration::from_millis(100);
+
 /// Answers kubelet's Allocate calls.
 pub trait Allocator: Send + Sync + 'static {
     /// Allocates `request`'s devices of `resource`.
@@ -51,10 +71,82 @@ pub fn socket_name(resource: &str) -> String {
     format!("{}.sock", resource.replace('/', "_"))
 }
 
-struct PluginService {
-    resource: String,
+/// One resource as a connection to its socket sees it.
+#[derive(Clone)]
+struct Plugin {
+    resource: Arc<str>,
     devices: watch::Receiver<Vec<v1beta1::Device>>,
+    /// Cancelled when the socket is closed or replaced: ends its streams.
+    closed: CancellationToken,
+}
+
+/// A connection accepted on a resource's socket, tagged with that resource
+/// (tonic hands [`Connected::connect_info`] to every request as an extension).
+struct PluginConnection {
+    io: UnixStream,
+    plugin: Plugin,
+}
+
+impl Connected for PluginConnection {
+    type ConnectInfo = Plugin;
+
+    fn connect_info(&self) -> Plugin {
+        self.plugin.clone()
+    }
+}
+
+impl AsyncRead for PluginConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PluginConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+type Incoming = mpsc::UnboundedSender<io::Result<PluginConnection>>;
+
+/// The service behind every socket.
+struct PluginService {
     allocator: Arc<dyn Allocator>,
+}
+
+fn plugin_of<T>(request: &Request<T>) -> Result<&Plugin, Status> {
+    request
+        .extensions()
+        .get::<Plugin>()
+        .ok_or_else(|| Status::internal("connection has no device-plugin resource"))
 }
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<ListAndWatchResponse, Status>> + Send>>;
@@ -73,9 +165,14 @@ impl DevicePlugin for PluginService {
 
     type ListAndWatchStream = ListStream;
 
-    async fn list_and_watch(&self, _: Request<Empty>) -> Result<Response<ListStream>, Status> {
-        let stream = WatchStream::new(self.devices.clone())
-            .map(|devices| Ok(ListAndWatchResponse { devices }));
+    async fn list_and_watch(
+        &self,
+        request: Request<Empty>,
+    ) -> Result<Response<ListStream>, Status> {
+        let plugin = plugin_of(&request)?;
+        let stream = WatchStream::new(plugin.devices.clone())
+            .map(|devices| Ok(ListAndWatchResponse { devices }))
+            .take_until(plugin.closed.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -104,8 +201,9 @@ impl DevicePlugin for PluginService {
         &self,
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateResponse>, Status> {
+        let resource = plugin_of(&request)?.resource.to_string();
         self.allocator
-            .allocate(self.resource.clone(), request.into_inner())
+            .allocate(resource, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -115,6 +213,27 @@ impl DevicePlugin for PluginService {
         _: Request<PreStartContainerRequest>,
     ) -> Result<Response<PreStartContainerResponse>, Status> {
         Ok(Response::new(PreStartContainerResponse {}))
+    }
+}
+
+/// Hands every connection on `listener` to the shared server, tagged with `plugin`.
+async fn accept(listener: UnixListener, plugin: Plugin, incoming: Incoming) {
+    loop {
+        match listener.accept().await {
+            Ok((io, _)) => {
+                let connection = PluginConnection {
+                    io,
+                    plugin: plugin.clone(),
+                };
+                if incoming.send(Ok(connection)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(resource = %plugin.resource, error = %e, "accepting a kubelet connection failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
     }
 }
 
@@ -137,18 +256,31 @@ pub fn preferred(available: &[String], must: &[String], size: i32) -> Vec<String
     out
 }
 
-struct Server {
+/// An open resource socket.
+struct Socket {
     devices: watch::Receiver<Vec<v1beta1::Device>>,
-    task: JoinHandle<()>,
+    closed: CancellationToken,
+    accept: JoinHandle<()>,
 }
 
-/// Starts, stops and (re-)registers plugin servers.
+impl Socket {
+    /// Stops accepting and ends the resource's streams; the caller removes the file.
+    fn close(self) {
+        self.closed.cancel();
+        self.accept.abort();
+    }
+}
+
+/// Opens, closes and (re-)registers resource sockets.
 pub struct PluginManager {
     dir: PathBuf,
     allocator: Arc<dyn Allocator>,
     metrics: Arc<Metrics>,
     timings: KubeletArgs,
-    servers: HashMap<String, Server>,
+    sockets: HashMap<String, Socket>,
+    /// Connections from every socket to the shared server.
+    incoming: Incoming,
+    incoming_rx: Option<mpsc::UnboundedReceiver<io::Result<PluginConnection>>>,
     /// Resources whose registration failed and is retried.
     unregistered: std::collections::BTreeSet<String>,
     retry_attempts: u32,
@@ -162,12 +294,15 @@ impl PluginManager {
         metrics: Arc<Metrics>,
         timings: KubeletArgs,
     ) -> Self {
+        let (incoming, incoming_rx) = mpsc::unbounded_channel();
         Self {
             dir,
             allocator,
             metrics,
             timings,
-            servers: HashMap::new(),
+            sockets: HashMap::new(),
+            incoming,
+            incoming_rx: Some(incoming_rx),
             unregistered: Default::default(),
             retry_attempts: 0,
         }
@@ -180,6 +315,20 @@ impl PluginManager {
         stop: tokio::sync::oneshot::Receiver<()>,
     ) {
         let mut stop = stop;
+        let server = self.incoming_rx.take().map(|incoming| {
+            let service = DevicePluginServer::new(PluginService {
+                allocator: self.allocator.clone(),
+            });
+            tokio::spawn(async move {
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(UnboundedReceiverStream::new(incoming))
+                    .await
+                {
+                    tracing::error!(error = %e, "device-plugin server failed");
+                }
+            })
+        });
         let (kubelet_tx, mut kubelet_rx) = mpsc::unbounded_channel::<()>();
         let _watcher = match self.watch_kubelet(kubelet_tx) {
             Ok(w) => Some(w),
@@ -202,7 +351,7 @@ impl PluginManager {
                     self.retry_attempts = self.retry_attempts.saturating_add(1);
                     let pending: Vec<String> = std::mem::take(&mut self.unregistered)
                         .into_iter()
-                        .filter(|r| self.servers.contains_key(r))
+                        .filter(|r| self.sockets.contains_key(r))
                         .collect();
                     self.register_all(pending).await;
                     if self.unregistered.is_empty() {
@@ -220,13 +369,13 @@ impl PluginManager {
                 Some(()) = kubelet_rx.recv() => {
                     // Coalesce a burst of events (kubelet deletes every socket at start).
                     while kubelet_rx.try_recv().is_ok() {}
-                    tracing::info!("kubelet restarted: recreating and registering {} device plugins", self.servers.len());
+                    tracing::info!("kubelet restarted: recreating and registering {} device plugins", self.sockets.len());
                     self.unregistered.clear();
                     self.retry_attempts = 0;
                     let started = std::time::Instant::now();
-                    let resources: Vec<String> = self.servers.keys().cloned().collect();
+                    let resources: Vec<String> = self.sockets.keys().cloned().collect();
                     for r in &resources {
-                        let devices = self.servers.get(r).map(|s| s.devices.clone());
+                        let devices = self.sockets.get(r).map(|s| s.devices.clone());
                         if let Some(devices) = devices {
                             self.start(r, devices);
                         }
@@ -237,14 +386,17 @@ impl PluginManager {
             }
         }
         self.shutdown();
+        if let Some(server) = server {
+            server.abort();
+        }
     }
 
-    /// Stops every server and removes its socket, so nothing of the agent is
+    /// Closes every socket and removes its file, so nothing of the agent is
     /// left in kubelet's directory. Instances and slots stay as they are: the
     /// next agent adopts them and registers again.
     pub fn shutdown(&mut self) {
-        for (resource, s) in self.servers.drain() {
-            s.task.abort();
+        for (resource, socket) in self.sockets.drain() {
+            socket.close();
             let _ = std::fs::remove_file(self.dir.join(socket_name(&resource)));
         }
     }
@@ -272,49 +424,48 @@ impl PluginManager {
 
     fn start(&mut self, resource: &str, devices: watch::Receiver<Vec<v1beta1::Device>>) {
         let path = self.dir.join(socket_name(resource));
-        if let Some(old) = self.servers.remove(resource) {
-            old.task.abort();
+        if let Some(old) = self.sockets.remove(resource) {
+            old.close();
         }
         let listener = match uds::bind(&path) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(resource, socket = %path.display(), error = %e, "cannot create device-plugin socket");
+                self.metrics.device_plugins.set(self.sockets.len() as i64);
                 return;
             }
         };
-        let service = PluginService {
-            resource: resource.to_string(),
+        let plugin = Plugin {
+            resource: resource.into(),
             devices: devices.clone(),
-            allocator: self.allocator.clone(),
+            closed: CancellationToken::new(),
         };
-        let resource_name = resource.to_string();
-        let task = tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(DevicePluginServer::new(service))
-                .serve_with_incoming(UnixListenerStream::new(listener))
-                .await
-            {
-                tracing::error!(resource = %resource_name, error = %e, "device-plugin server failed");
-            }
-        });
-        self.servers
-            .insert(resource.to_string(), Server { devices, task });
-        self.metrics.device_plugins.set(self.servers.len() as i64);
+        let closed = plugin.closed.clone();
+        let accept = tokio::spawn(accept(listener, plugin, self.incoming.clone()));
+        self.sockets.insert(
+            resource.to_string(),
+            Socket {
+                devices,
+                closed,
+                accept,
+            },
+        );
+        self.metrics.device_plugins.set(self.sockets.len() as i64);
     }
 
     fn stop(&mut self, resource: &str) {
-        if let Some(server) = self.servers.remove(resource) {
+        if let Some(socket) = self.sockets.remove(resource) {
             // The state has already published an empty list; give the open
-            // ListAndWatch stream a moment to deliver it before the server
+            // ListAndWatch stream a moment to deliver it before the socket
             // goes, so kubelet drops the resource at once.
             let path = self.dir.join(socket_name(resource));
             tokio::spawn(async move {
                 tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                server.task.abort();
+                tokio::time::sleep(REMOVE_LINGER).await;
+                socket.close();
                 let _ = std::fs::remove_file(path);
             });
-            self.metrics.device_plugins.set(self.servers.len() as i64);
+            self.metrics.device_plugins.set(self.sockets.len() as i64);
         }
     }
 
@@ -370,6 +521,147 @@ async fn register(kubelet: &Path, resource: &str, timeout: Duration) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use verge_device_plugin_proto::v1beta1::device_plugin_client::DevicePluginClient;
+
+    struct EchoAllocator;
+
+    impl Allocator for EchoAllocator {
+        fn allocate(
+            &self,
+            resource: String,
+            _: AllocateRequest,
+        ) -> BoxFuture<'static, Result<AllocateResponse, Status>> {
+            Box::pin(async move { Err(Status::failed_precondition(resource)) })
+        }
+    }
+
+    fn devices(prefix: &str, n: usize) -> Vec<v1beta1::Device> {
+        (0..n)
+            .map(|i| v1beta1::Device {
+                id: format!("{prefix}-{i}"),
+                health: v1beta1::HEALTHY.into(),
+                topology: None,
+            })
+            .collect()
+    }
+
+    /// Polls `condition` (a file appearing or going) until it holds, failing after 10 s.
+    async fn wait_for(condition: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not met in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn client(dir: &Path, resource: &str) -> DevicePluginClient<tonic::transport::Channel> {
+        let channel = uds::connect(&dir.join(socket_name(resource)), Duration::from_secs(5))
+            .await
+            .expect("connect to the plugin socket");
+        DevicePluginClient::new(channel)
+    }
+
+    /// The shared server answers each socket with its own resource, including a
+    /// list far above the codec's initial buffer, and a removed resource's
+    /// stream ends and its socket goes.
+    #[tokio::test]
+    async fn one_server_answers_every_socket_with_its_own_resource() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manager = PluginManager::new(
+            dir.path().to_path_buf(),
+            Arc::new(EchoAllocator),
+            Metrics::new(),
+            KubeletArgs::default(),
+        );
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let manager = tokio::spawn(manager.run(rx, stopped));
+        // 20,000 devices encode to ~400 KiB: above the initial buffer and the yield threshold.
+        let (big_tx, big) = watch::channel(devices("big", 20_000));
+        let (small_tx, small) = watch::channel(devices("small", 2));
+        for (resource, devices) in [("akri.sh/big", big), ("akri.sh/small", small)] {
+            commands
+                .send(PluginCommand::Ensure {
+                    resource: resource.into(),
+                    devices,
+                })
+                .expect("manager runs");
+        }
+        let socket = dir.path().join(socket_name("akri.sh/small"));
+        wait_for(|| socket.exists()).await;
+
+        let mut big_stream = client(dir.path(), "akri.sh/big")
+            .await
+            .list_and_watch(Empty {})
+            .await
+            .expect("ListAndWatch big")
+            .into_inner();
+        let mut small_client = client(dir.path(), "akri.sh/small").await;
+        let mut small_stream = small_client
+            .list_and_watch(Empty {})
+            .await
+            .expect("ListAndWatch small")
+            .into_inner();
+        let first = big_stream.message().await.expect("big list").expect("one");
+        assert_eq!(first.devices, devices("big", 20_000));
+        let first = small_stream
+            .message()
+            .await
+            .expect("small list")
+            .expect("one");
+        assert_eq!(first.devices, devices("small", 2));
+
+        small_tx.send_replace(devices("small", 3));
+        let next = small_stream.message().await.expect("update").expect("one");
+        assert_eq!(next.devices, devices("small", 3));
+        let refused = small_client
+            .allocate(AllocateRequest::default())
+            .await
+            .expect_err("EchoAllocator refuses");
+        assert_eq!(
+            refused.message(),
+            "akri.sh/small",
+            "Allocate names the socket's resource"
+        );
+
+        small_tx.send_replace(Vec::new());
+        commands
+            .send(PluginCommand::Remove {
+                resource: "akri.sh/small".into(),
+            })
+            .expect("manager runs");
+        let last = small_stream
+            .message()
+            .await
+            .expect("empty list")
+            .expect("one");
+        assert!(last.devices.is_empty());
+        assert!(
+            small_stream.message().await.expect("clean end").is_none(),
+            "the removed resource's stream ends"
+        );
+        wait_for(|| !socket.exists()).await;
+
+        big_tx.send_replace(devices("big", 1));
+        let next = big_stream
+            .message()
+            .await
+            .expect("big update")
+            .expect("one");
+        assert_eq!(
+            next.devices,
+            devices("big", 1),
+            "the other resource is served on"
+        );
+
+        stop.send(()).expect("manager runs");
+        manager.await.expect("manager stops");
+        assert!(!dir.path().join(socket_name("akri.sh/big")).exists());
+    }
 
     #[test]
     fn socket_names_are_file_names() {

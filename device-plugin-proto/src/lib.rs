@@ -7,6 +7,8 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod codec;
+
 /// Discovery-handler protocol `v0`.
 pub mod v0 {
     tonic::include_proto!("v0");
